@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -76,6 +76,22 @@ class RawSample:
             bad = f.ndim != 4 or f.shape[0] != IMG_HISTORY or f.shape[-1] != 3 or f.dtype != np.uint8
             if f.size and bad:
                 fail(f"camera {slot} frames {f.shape} {f.dtype}, expected ({IMG_HISTORY}, H, W, 3) uint8")
+
+
+@runtime_checkable
+class StepSource(Protocol):
+    """A dataset that draws `RawSample`s by index; what the mixture (pipeline.py) consumes.
+
+    `get(index, rng)` must be a pure function of (index, the generator's state): the pipeline
+    passes `np.random.default_rng([seed, dataset_id, index])`, so the same seed gives the same
+    sample and any index can be produced on any host. Sources that sample randomly (HDF5:
+    episode ∝ length, uniform step) use `rng`; sources with a step index (RLDS) may map
+    `index` to a step of a shuffled epoch instead.
+    """
+
+    dataset_name: str
+
+    def get(self, index: int, rng: np.random.Generator) -> RawSample: ...
 
 
 @dataclasses.dataclass(frozen=True)
