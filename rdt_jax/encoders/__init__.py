@@ -1,0 +1,23 @@
+"""Frozen RDT encoders in Flax NNX: SigLIP so400m vision tower and T5-v1.1-XXL text encoder.
+
+Both load Hugging Face checkpoints strictly and tensor by tensor (:mod:`.hf_import`); see
+:mod:`.siglip`, :mod:`.t5`, :mod:`.tokenizer`, :mod:`.lang_embeddings` and
+:mod:`.image_encoding`.
+"""
+
+from rdt_jax.encoders.hf_import import CheckpointMismatchError, CheckpointReader
+from rdt_jax.encoders.siglip import SIGLIP_SO400M_384, SiglipVisionConfig, SiglipVisionTower, load_siglip
+from rdt_jax.encoders.t5 import T5_V1_1_XXL, T5Encoder, T5EncoderConfig, load_t5
+
+__all__ = [
+    "SIGLIP_SO400M_384",
+    "T5_V1_1_XXL",
+    "CheckpointMismatchError",
+    "CheckpointReader",
+    "SiglipVisionConfig",
+    "SiglipVisionTower",
+    "T5Encoder",
+    "T5EncoderConfig",
+    "load_siglip",
+    "load_t5",
+]

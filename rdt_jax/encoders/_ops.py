@@ -1,0 +1,60 @@
+"""Small numerical building blocks shared by the SigLIP and T5 encoders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    names: tuple[str | None, ...],
+    dtype: jnp.dtype,
+) -> nnx.Param:
+    """A parameter carrying logical axis names (``out_sharding``) for mesh layout.
+
+    Eager sharding is off: the names are logical ("embed", "mlp", ...) and are mapped to mesh
+    axes only when weights are placed (``hf_import.logical_sharding``), not at construction.
+    """
+    assert len(names) == len(shape), (names, shape)
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=names, eager_sharding=False)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm with statistics in float32 (as torch does for half inputs), output in x.dtype."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """T5's layer norm: no mean subtraction, no bias, mean of squares in float32.
+
+    The normalised activations are cast to the weight dtype before the scale multiply when the
+    weights are half precision (and kept float32 otherwise), as in the reference implementation.
+    """
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(var + eps)
+    if scale.dtype != jnp.float32:
+        y = y.astype(scale.dtype)
+    return (scale * y).astype(x.dtype)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU, tanh approximation (``gelu_pytorch_tanh`` / ``gelu_new``)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def softmax_f32(logits: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Softmax in float32 whatever the compute dtype, cast back for the value matmul."""
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)

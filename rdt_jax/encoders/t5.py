@@ -1,0 +1,250 @@
+"""T5 v1.1 encoder (``T5EncoderModel.last_hidden_state``) in Flax NNX.
+
+RDT uses ``google/t5-v1_1-xxl``'s encoder: d_model 4096, 64 heads × 64, gated-GELU FFN
+(d_ff 10240, tanh GELU), 24 pre-norm blocks, no biases anywhere, no 1/sqrt(d) attention
+scaling, a bidirectional relative position bias (32 buckets, max distance 128) owned by block 0
+and shared by all blocks, T5's RMS layer norm (eps 1e-6, float32 statistics), a final norm.
+Dropout is inactive (inference only).
+
+The encoder has 4.76 B parameters (19 GB in float32, 9.5 GB in bfloat16). Every parameter
+carries logical axis names (``vocab``, ``embed``, ``heads``, ``mlp``, ``layers``) so
+:func:`load_t5` can lay it out over a device mesh (e.g. FSDP: ``{"embed": "fsdp"}``) while
+streaming the checkpoint tensor by tensor. Layers are stacked and run with ``jax.lax.scan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rdt_jax.encoders import _ops
+from rdt_jax.encoders.hf_import import (
+    CheckpointMismatchError,
+    CheckpointReader,
+    ParamSource,
+    import_params,
+    linear_source,
+    make_placer,
+    read_config,
+    vector_source,
+)
+
+__all__ = ["T5_V1_1_XXL", "T5EncoderConfig", "T5Encoder", "load_t5", "relative_position_buckets", "t5_sources"]
+
+# Default layout: FSDP over the model width; "tensor" (if the mesh has it) over heads / d_ff.
+T5_SHARDING_RULES: dict[str, Any] = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
+
+_ARCHITECTURES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5EncoderConfig:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+
+    def __post_init__(self) -> None:
+        if self.feed_forward_proj != "gated-gelu":
+            raise ValueError(
+                f"feed_forward_proj {self.feed_forward_proj!r} is not supported: only T5 v1.1's 'gated-gelu'"
+            )
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.d_kv
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], *, source: str = "config.json") -> T5EncoderConfig:
+        """From a T5 ``config.json``; absent fields take ``transformers.T5Config`` defaults."""
+        archs = cfg.get("architectures") or []
+        if cfg.get("model_type") != "t5" or (archs and not set(archs) & set(_ARCHITECTURES)):
+            raise CheckpointMismatchError(
+                f"{source}: model_type {cfg.get('model_type')!r}, architectures {archs} is not a T5 model "
+                f"(expected model_type 't5' and one of {list(_ARCHITECTURES)})"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in cfg.items() if k in names}
+        if "feed_forward_proj" not in cfg:
+            kw["feed_forward_proj"] = "relu"  # transformers' default: original T5, not v1.1
+        try:
+            return cls(**kw)
+        except ValueError as e:
+            raise CheckpointMismatchError(f"{source}: {e}") from None
+
+
+# google/t5-v1_1-xxl (published config.json).
+T5_V1_1_XXL = T5EncoderConfig(
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+)
+
+
+@functools.lru_cache(maxsize=64)
+def relative_position_buckets(q_len: int, k_len: int, num_buckets: int, max_distance: int) -> np.ndarray:
+    """Bidirectional T5 bucket index (q_len, k_len) of ``key_pos - query_pos``, computed on the host.
+
+    Half of the buckets per direction: the first half exact distances, the second half
+    log-spaced up to ``max_distance`` (everything beyond shares the last bucket). Float32 log
+    arithmetic as in the reference, so bucket boundaries agree bit for bit.
+    """
+    rel = np.arange(k_len, dtype=np.int64)[None, :] - np.arange(q_len, dtype=np.int64)[:, None]
+    n = num_buckets // 2
+    max_exact = n // 2
+    dist = np.abs(rel)
+    safe = np.maximum(dist, max_exact).astype(np.float32)  # the log branch is only used there
+    scaled = np.log(safe / np.float32(max_exact)) / np.float32(math.log(max_distance / max_exact))
+    large = np.minimum(max_exact + (scaled * np.float32(n - max_exact)).astype(np.int64), n - 1)
+    buckets = (rel > 0).astype(np.int64) * n + np.where(dist < max_exact, dist, large)
+    return buckets.astype(np.int32)
+
+
+class _Blocks(nnx.Module):
+    """All encoder blocks, each parameter stacked along a leading ``layers`` axis."""
+
+    def __init__(self, cfg: T5EncoderConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        n, d, inner, f = cfg.num_layers, cfg.d_model, cfg.inner_dim, cfg.d_ff
+        p = lambda std, shape, names: _ops.param(rngs, nnx.initializers.normal(std), shape, names, param_dtype)
+        ones = lambda shape, names: _ops.param(rngs, nnx.initializers.ones, shape, names, param_dtype)
+        self.attn_norm = ones((n, d), ("layers", "embed"))
+        self.q = p(d**-0.5 * cfg.d_kv**-0.5, (n, d, inner), ("layers", "embed", "heads"))
+        self.k = p(d**-0.5, (n, d, inner), ("layers", "embed", "heads"))
+        self.v = p(d**-0.5, (n, d, inner), ("layers", "embed", "heads"))
+        self.o = p(inner**-0.5, (n, inner, d), ("layers", "heads", "embed"))
+        self.ff_norm = ones((n, d), ("layers", "embed"))
+        self.wi_0 = p(d**-0.5, (n, d, f), ("layers", "embed", "mlp"))
+        self.wi_1 = p(d**-0.5, (n, d, f), ("layers", "embed", "mlp"))
+        self.wo = p(f**-0.5, (n, f, d), ("layers", "mlp", "embed"))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+class T5Encoder(nnx.Module):
+    """``(input_ids, attention_mask)`` -> ``last_hidden_state`` (B, L, d_model)."""
+
+    def __init__(
+        self,
+        cfg: T5EncoderConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        param_dtype = jnp.dtype(param_dtype or dtype)
+        mk = lambda init, shape, names: _ops.param(rngs, init, shape, names, param_dtype)
+        self.embed = mk(nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+        self.rel_bias = mk(
+            nnx.initializers.normal(cfg.d_model**-0.5), (cfg.relative_attention_num_buckets, cfg.num_heads),
+            (None, "heads"),
+        )
+        self.blocks = _Blocks(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.final_norm = mk(nnx.initializers.ones, (cfg.d_model,), ("embed",))
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """``input_ids`` (B, L) int; ``attention_mask`` (B, L), nonzero = real token (None: all real).
+
+        Padded positions are masked as keys; their own outputs are computed anyway (as in
+        transformers) and must be ignored downstream.
+        """
+        cfg, dt = self.cfg, self.dtype
+        b, length = input_ids.shape
+        h, dk, eps = cfg.num_heads, cfg.d_kv, cfg.layer_norm_epsilon
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+
+        buckets = relative_position_buckets(
+            length, length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+        )
+        bias = jnp.transpose(self.rel_bias[...][buckets], (2, 0, 1)).astype(dt)[None]  # (1, H, Lq, Lk)
+        if attention_mask is not None:
+            # Additive mask with the dtype's most negative value (a fully padded row stays finite).
+            neg = jnp.asarray(jnp.finfo(dt).min, dt)
+            bias = bias + jnp.where(attention_mask[:, None, None, :].astype(bool), jnp.asarray(0, dt), neg)
+
+        def block(x: jax.Array, lp: dict[str, jax.Array]) -> tuple[jax.Array, None]:
+            y = _ops.rms_norm(x, lp["attn_norm"], eps).astype(dt)
+            w = {k: v.astype(dt) for k, v in lp.items()}
+            q = (y @ w["q"]).reshape(b, length, h, dk)
+            k = (y @ w["k"]).reshape(b, length, h, dk)
+            v = (y @ w["v"]).reshape(b, length, h, dk)
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) + bias  # T5: no 1/sqrt(d_kv) scaling
+            probs = _ops.softmax_f32(logits, dt)
+            o = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, h * dk)
+            x = x + o @ w["o"]
+            y = _ops.rms_norm(x, lp["ff_norm"], eps).astype(dt)
+            y = _ops.gelu_tanh(y @ w["wi_0"]) * (y @ w["wi_1"])
+            x = x + y @ w["wo"]
+            return x, None
+
+        x, _ = jax.lax.scan(block, x, self.blocks.arrays())
+        return _ops.rms_norm(x, self.final_norm[...], eps).astype(dt)
+
+
+# Keys of a full T5 checkpoint that the encoder does not use.
+_IGNORED = (r"decoder\..*", r"lm_head\.weight")
+
+
+def t5_sources(cfg: T5EncoderConfig) -> list[ParamSource]:
+    """The HF key (and layout transform) of every parameter of :class:`T5Encoder`."""
+    d, inner, f = cfg.d_model, cfg.inner_dim, cfg.d_ff
+    blk = lambda name: [f"encoder.block.{i}.{name}" for i in range(cfg.num_layers)]
+    return [
+        # T5EncoderModel ties encoder.embed_tokens to shared; checkpoints store either or both.
+        ParamSource(("embed",), (("shared.weight", "encoder.embed_tokens.weight"),), (cfg.vocab_size, d)),
+        ParamSource(
+            ("rel_bias",),
+            (("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",),),
+            (cfg.relative_attention_num_buckets, cfg.num_heads),
+        ),
+        ParamSource(("final_norm",), (("encoder.final_layer_norm.weight",),), (d,)),
+        vector_source(("blocks", "attn_norm"), blk("layer.0.layer_norm.weight"), d),
+        linear_source(("blocks", "q"), blk("layer.0.SelfAttention.q.weight"), d, inner),
+        linear_source(("blocks", "k"), blk("layer.0.SelfAttention.k.weight"), d, inner),
+        linear_source(("blocks", "v"), blk("layer.0.SelfAttention.v.weight"), d, inner),
+        linear_source(("blocks", "o"), blk("layer.0.SelfAttention.o.weight"), inner, d),
+        vector_source(("blocks", "ff_norm"), blk("layer.1.layer_norm.weight"), d),
+        linear_source(("blocks", "wi_0"), blk("layer.1.DenseReluDense.wi_0.weight"), d, f),
+        linear_source(("blocks", "wi_1"), blk("layer.1.DenseReluDense.wi_1.weight"), d, f),
+        linear_source(("blocks", "wo"), blk("layer.1.DenseReluDense.wo.weight"), f, d),
+    ]
+
+
+def load_t5(
+    hf_dir: str | pathlib.Path,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: dict[str, Any] | None = None,
+) -> T5Encoder:
+    """Build the T5 encoder from a Hugging Face directory (T5EncoderModel or a full T5 checkpoint).
+
+    Weights are converted to ``param_dtype`` (default: ``dtype``) on the host, tensor by tensor,
+    and placed on the default device, or laid out over ``mesh`` by their logical axis names
+    and ``rules`` (default :data:`T5_SHARDING_RULES`), so no device ever holds the whole model
+    unless the mesh is a single device.
+    """
+    hf_dir = pathlib.Path(hf_dir)
+    cfg = T5EncoderConfig.from_hf(read_config(hf_dir), source=str(hf_dir / "config.json"))
+    model = nnx.eval_shape(lambda: T5Encoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract = nnx.split(model)
+    rules = T5_SHARDING_RULES if rules is None else rules
+    with CheckpointReader(hf_dir) as reader:
+        state = import_params(reader, abstract, t5_sources(cfg), ignore=_IGNORED, place=make_placer(mesh, rules))
+    return nnx.merge(graphdef, state)
