@@ -84,7 +84,10 @@ def read_config(hf_dir: str | pathlib.Path) -> dict[str, Any]:
 
 def _weight_files(hf_dir: pathlib.Path) -> tuple[list[pathlib.Path], str]:
     """The weight files of a model directory and their format, preferring safetensors."""
-    for index_name, fmt in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+    for index_name, fmt in (
+        ("model.safetensors.index.json", "safetensors"),
+        ("pytorch_model.bin.index.json", "bin"),
+    ):
         index = hf_dir / index_name
         if index.is_file():
             with index.open() as f:
@@ -139,7 +142,9 @@ class CheckpointReader:
                     if key == "__metadata__":
                         continue
                     if info["dtype"] not in _ST_DTYPES:
-                        raise CheckpointMismatchError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+                        raise CheckpointMismatchError(
+                            f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}"
+                        )
                     self._add(key, TensorInfo(tuple(info["shape"]), info["dtype"], path))
                     begin, end = info["data_offsets"]
                     self._st_offsets[key] = (start, begin, end)
@@ -156,7 +161,9 @@ class CheckpointReader:
 
     def _add(self, key: str, info: TensorInfo) -> None:
         if key in self.entries:
-            raise CheckpointMismatchError(f"{info.file}: key {key!r} also present in {self.entries[key].file}")
+            raise CheckpointMismatchError(
+                f"{info.file}: key {key!r} also present in {self.entries[key].file}"
+            )
         self.entries[key] = info
 
     def keys(self) -> list[str]:
@@ -175,7 +182,8 @@ class CheckpointReader:
         expected = int(np.prod(info.shape, dtype=np.int64)) * dtype.itemsize
         if end - begin != expected:
             raise CheckpointMismatchError(
-                f"{info.file}: tensor {key!r} has {end - begin} bytes, expected {expected} for shape {info.shape}"
+                f"{info.file}: tensor {key!r} has {end - begin} bytes, "
+                f"expected {expected} for shape {info.shape}"
             )
         return mm[start + begin : start + end].view(dtype).reshape(info.shape)
 
@@ -278,17 +286,22 @@ def import_params(
     extra_rules = sorted(set(by_path) - set(leaves))
     if missing_rules or extra_rules:
         raise CheckpointMismatchError(
-            f"internal mapping error: params without a source {missing_rules}, sources without a param {extra_rules}"
+            f"internal mapping error: params without a source {missing_rules}, "
+            f"sources without a param {extra_rules}"
         )
 
     for path, src in by_path.items():
         var = leaves[path]
         if src.stacked and (len(src.keys) != var.shape[0]):
-            raise CheckpointMismatchError(f"internal mapping error: {path} stacks {len(src.keys)} keys, shape {var.shape}")
+            raise CheckpointMismatchError(
+                f"internal mapping error: {path} stacks {len(src.keys)} keys, shape {var.shape}"
+            )
         want = var.shape[1:] if src.stacked else var.shape
         got = src.transform(np.empty(src.hf_shape, np.int8)).shape
         if got != want:
-            raise CheckpointMismatchError(f"internal mapping error: {path} expects {want}, transform gives {got}")
+            raise CheckpointMismatchError(
+                f"internal mapping error: {path} expects {want}, transform gives {got}"
+            )
 
     # 2. Resolve every key (alternatives: first present) and check presence and shapes before reading.
     resolved: dict[tuple[str, ...], list[str]] = {}
@@ -299,7 +312,9 @@ def import_params(
         for alts in src.keys:
             found = [k for k in alts if k in reader.entries]
             if not found:
-                problems.append(f"missing key {alts[0]!r}" + (f" (or {list(alts[1:])})" if len(alts) > 1 else ""))
+                problems.append(
+                    f"missing key {alts[0]!r}" + (f" (or {list(alts[1:])})" if len(alts) > 1 else "")
+                )
                 continue
             names.append(found[0])
             consumed.update(found)  # a tied duplicate stored under both names counts as used
@@ -310,11 +325,17 @@ def import_params(
                         f"{reader.entries[k].file.name}: key {k!r} has shape {shape}, expected {src.hf_shape}"
                     )
         resolved[src.path] = names
-    unexpected = [k for k in reader.entries if k not in consumed and not any(re.fullmatch(p, k) for p in ignore)]
+    unexpected = [
+        k for k in reader.entries if k not in consumed and not any(re.fullmatch(p, k) for p in ignore)
+    ]
     for k in sorted(unexpected):
-        problems.append(f"{reader.entries[k].file.name}: unexpected key {k!r} with shape {reader.entries[k].shape}")
+        problems.append(
+            f"{reader.entries[k].file.name}: unexpected key {k!r} with shape {reader.entries[k].shape}"
+        )
     if problems:
-        shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+        shown = "\n  ".join(problems[:50]) + (
+            f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        )
         raise CheckpointMismatchError(f"{where}: checkpoint does not match the model:\n  {shown}")
 
     # 3. Stream: assemble each parameter on the host in its target dtype, place it, drop the buffer.

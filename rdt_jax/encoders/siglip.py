@@ -57,7 +57,9 @@ class SiglipVisionConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible by heads {self.num_attention_heads}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} not divisible by heads {self.num_attention_heads}"
+            )
         if self.hidden_act not in ("gelu_pytorch_tanh", "gelu_new"):
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (SigLIP uses gelu_pytorch_tanh)")
 
@@ -94,7 +96,11 @@ class SiglipVisionConfig:
 
 # google/siglip-so400m-patch14-384 (published config.json, vision part).
 SIGLIP_SO400M_384 = SiglipVisionConfig(
-    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=384,
     patch_size=14,
 )
 
@@ -205,7 +211,12 @@ def siglip_sources(cfg: SiglipVisionConfig, prefix: str = "") -> list[ParamSourc
     one = lambda path, key, shape, tf=(lambda a: a): ParamSource(path, ((prefix + key,),), shape, tf)
     src = [
         # torch Conv2d weight (out, in, kh, kw) -> HWIO.
-        one(("patch_kernel",), "embeddings.patch_embedding.weight", (d, c, p, p), lambda a: a.transpose(2, 3, 1, 0)),
+        one(
+            ("patch_kernel",),
+            "embeddings.patch_embedding.weight",
+            (d, c, p, p),
+            lambda a: a.transpose(2, 3, 1, 0),
+        ),
         one(("patch_bias",), "embeddings.patch_embedding.bias", (d,)),
         one(("pos_embed",), "embeddings.position_embedding.weight", (cfg.num_patches, d)),
         one(("post_ln_scale",), "post_layernorm.weight", (d,)),
@@ -242,7 +253,9 @@ def load_siglip(
     """
     hf_dir = pathlib.Path(hf_dir)
     cfg = SiglipVisionConfig.from_hf(read_config(hf_dir), source=str(hf_dir / "config.json"))
-    model = nnx.eval_shape(lambda: SiglipVisionTower(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: SiglipVisionTower(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
     graphdef, abstract = nnx.split(model)
     rules = SIGLIP_SHARDING_RULES if rules is None else rules
     with CheckpointReader(hf_dir) as reader:
@@ -252,4 +265,3 @@ def load_siglip(
             reader, abstract, siglip_sources(cfg, prefix), ignore=_IGNORED, place=make_placer(mesh, rules)
         )
     return nnx.merge(graphdef, state)
-

@@ -37,7 +37,14 @@ from rdt_jax.encoders.hf_import import (
     vector_source,
 )
 
-__all__ = ["T5_V1_1_XXL", "T5EncoderConfig", "T5Encoder", "load_t5", "relative_position_buckets", "t5_sources"]
+__all__ = [
+    "T5_V1_1_XXL",
+    "T5Encoder",
+    "T5EncoderConfig",
+    "load_t5",
+    "relative_position_buckets",
+    "t5_sources",
+]
 
 # Default layout: FSDP over the model width; "tensor" (if the mesh has it) over heads / d_ff.
 T5_SHARDING_RULES: dict[str, Any] = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
@@ -89,8 +96,15 @@ class T5EncoderConfig:
 
 # google/t5-v1_1-xxl (published config.json).
 T5_V1_1_XXL = T5EncoderConfig(
-    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-    relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6,
 )
 
 
@@ -118,7 +132,9 @@ class _Blocks(nnx.Module):
 
     def __init__(self, cfg: T5EncoderConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         n, d, inner, f = cfg.num_layers, cfg.d_model, cfg.inner_dim, cfg.d_ff
-        p = lambda std, shape, names: _ops.param(rngs, nnx.initializers.normal(std), shape, names, param_dtype)
+        p = lambda std, shape, names: _ops.param(
+            rngs, nnx.initializers.normal(std), shape, names, param_dtype
+        )
         ones = lambda shape, names: _ops.param(rngs, nnx.initializers.ones, shape, names, param_dtype)
         self.attn_norm = ones((n, d), ("layers", "embed"))
         self.q = p(d**-0.5 * cfg.d_kv**-0.5, (n, d, inner), ("layers", "embed", "heads"))
@@ -151,7 +167,8 @@ class T5Encoder(nnx.Module):
         mk = lambda init, shape, names: _ops.param(rngs, init, shape, names, param_dtype)
         self.embed = mk(nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
         self.rel_bias = mk(
-            nnx.initializers.normal(cfg.d_model**-0.5), (cfg.relative_attention_num_buckets, cfg.num_heads),
+            nnx.initializers.normal(cfg.d_model**-0.5),
+            (cfg.relative_attention_num_buckets, cfg.num_heads),
             (None, "heads"),
         )
         self.blocks = _Blocks(cfg, param_dtype=param_dtype, rngs=rngs)
@@ -246,5 +263,7 @@ def load_t5(
     graphdef, abstract = nnx.split(model)
     rules = T5_SHARDING_RULES if rules is None else rules
     with CheckpointReader(hf_dir) as reader:
-        state = import_params(reader, abstract, t5_sources(cfg), ignore=_IGNORED, place=make_placer(mesh, rules))
+        state = import_params(
+            reader, abstract, t5_sources(cfg), ignore=_IGNORED, place=make_placer(mesh, rules)
+        )
     return nnx.merge(graphdef, state)
