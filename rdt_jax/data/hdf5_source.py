@@ -1,0 +1,374 @@
+"""ALOHA-format HDF5 episodes (one episode per file) as a `StepSource` (DATA.md §2, §2.1).
+
+At construction every file is scanned once (optionally cached on disk): length, first
+movement, per-episode state statistics, layout checks. `get(index, rng)` then draws a
+sample with the official semantics: episode ∝ usable length, step uniform in
+[first_idx − 1, T − 1], `horizon` recorded actions padded by repeating the last, 2-frame
+camera histories with validity masks, one instruction variant chosen uniformly.
+
+Deviations from the official loader, on purpose: files are sorted (not `os.walk` order);
+bad files are reported by name (or skipped and counted with `skip_bad_episodes=True`) instead
+of aborting start-up or being retried silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import h5py
+import numpy as np
+
+from rdt_jax.data import action_space
+from rdt_jax.data.jpeg import decode_jpeg
+from rdt_jax.data.robot_config import RobotConfig
+from rdt_jax.data.schema import IMG_HISTORY, RawSample
+
+log = logging.getLogger(__name__)
+_INDEX_VERSION = 1
+
+
+class EpisodeError(ValueError):
+    """A bad episode file; the message names the file and the HDF5 key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeInfo:
+    path: str
+    num_steps: int  # T
+    first_idx: int  # first step whose raw state moved > threshold from step 0 (≥ 1)
+    # Per-episode statistics over all T steps of the divided state, k columns, float64.
+    state_std: np.ndarray
+    state_mean: np.ndarray
+    state_norm: np.ndarray
+
+    @property
+    def usable_len(self) -> int:
+        return self.num_steps - self.first_idx + 1
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("state_std", "state_mean", "state_norm"):
+            d[k] = d[k].tolist()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EpisodeInfo:
+        arrays = {k: np.asarray(d[k], np.float64) for k in ("state_std", "state_mean", "state_norm")}
+        return cls(path=d["path"], num_steps=int(d["num_steps"]), first_idx=int(d["first_idx"]), **arrays)
+
+
+@dataclasses.dataclass
+class ScanReport:
+    """What the scan kept and what it left out, by reason → files."""
+
+    used: int = 0
+    skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def add(self, reason: str, path: str) -> None:
+        self.skipped.setdefault(reason, []).append(path)
+
+    def counts(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.skipped.items()}
+
+
+def find_episode_files(data_dir: str | os.PathLike, pattern: str = "*.hdf5") -> list[str]:
+    files = sorted(str(p) for p in pathlib.Path(data_dir).rglob(pattern) if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no {pattern} files under {data_dir}")
+    return files
+
+
+def first_movement(qpos: np.ndarray, threshold: float) -> int | None:
+    """First t with max_j |qpos[t, j] − qpos[0, j]| > threshold (raw values, file dtype)."""
+    moved = np.flatnonzero(np.any(np.abs(qpos - qpos[0:1]) > threshold, axis=1))
+    return int(moved[0]) if moved.size else None
+
+
+def _read(f: h5py.File, key: str, path: str, sel: Any = ()) -> np.ndarray:
+    if key not in f:
+        raise EpisodeError(f"{path}: missing key {key!r}")
+    try:
+        return f[key][sel]
+    except (OSError, ValueError, TypeError) as e:
+        raise EpisodeError(f"{path}: cannot read {key!r} ({e})") from e
+
+
+def _check_finite(a: np.ndarray, path: str, key: str) -> None:
+    if not np.issubdtype(a.dtype, np.number):
+        raise EpisodeError(f"{path}: {key!r} has non-numeric dtype {a.dtype}")
+    bad = ~np.isfinite(a)
+    if bad.any():
+        t, j = np.argwhere(bad)[0][:2] if a.ndim > 1 else (np.argwhere(bad)[0][0], 0)
+        raise EpisodeError(f"{path}: {key!r} contains NaN/inf (first at step {t}, column {j})")
+
+
+def frame_bytes_layout(ds: h5py.Dataset) -> str:
+    """'raw' (T, H, W, 3) arrays, 'rows' (T, maxlen) zero-padded uint8, or 'elements' (T,)."""
+    if ds.ndim == 4:
+        return "raw"
+    if ds.ndim == 2 and ds.dtype == np.uint8:
+        return "rows"
+    if ds.ndim == 1:
+        return "elements"
+    raise ValueError(f"unsupported image dataset layout {ds.shape} {ds.dtype}")
+
+
+def _element_buffer(el: Any) -> np.ndarray:
+    # vlen uint8 → ndarray; opaque → np.void; fixed bytes → np.bytes_ (trailing NULs dropped,
+    # harmless after the JPEG end marker). All reinterpreted as raw bytes.
+    if isinstance(el, np.ndarray):
+        return el.view(np.uint8).reshape(-1)
+    if isinstance(el, np.void | bytes | np.bytes_):
+        return np.frombuffer(bytes(el), np.uint8)
+    raise TypeError(f"cannot read JPEG bytes from element of type {type(el).__name__}")
+
+
+class HDF5Source:
+    """Random-access sampler over a directory of ALOHA-format episode files."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike | None,
+        robot: RobotConfig,
+        *,
+        files: Sequence[str] | None = None,
+        skip_bad_episodes: bool = False,
+        index_cache: str | os.PathLike | None = None,
+        check_images: bool = True,
+    ):
+        self.robot = robot
+        self.dataset_name = robot.dataset_name
+        self.skip_bad_episodes = skip_bad_episodes
+        self.check_images = check_images
+        self.files = list(files) if files is not None else find_episode_files(data_dir)
+        self._state_idx = action_space.indices_of(robot.state_names)
+        self._action_idx = action_space.indices_of(robot.action_names)
+        self._state_div = robot.state_divisor_array
+        self._action_div = robot.action_divisor_array
+        self.state_elem_mask = action_space.mask_of(robot.state_names)
+        self._instructions: dict[str, dict[str, Any]] = {}
+        self.report = ScanReport()
+        self.episodes = self._scan(index_cache)
+        if not self.episodes:
+            raise EpisodeError(f"{data_dir or self.files}: no usable episodes for {self.dataset_name}; "
+                               f"skipped {self.report.counts()}")
+        w = np.asarray([e.usable_len for e in self.episodes], np.float64)
+        self._cum_weights = np.cumsum(w)
+        if self.report.skipped:
+            log.warning("%s: skipped episodes %s", self.dataset_name, self.report.counts())
+
+    # ------------------------------------------------------------------ scan
+    def _fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.robot.to_json_dict(), sort_keys=True).encode()).hexdigest()
+
+    def _scan(self, index_cache: str | os.PathLike | None) -> list[EpisodeInfo]:
+        cached: dict[str, Any] = {}
+        if index_cache is not None and os.path.exists(index_cache):
+            with open(index_cache) as f:
+                blob = json.load(f)
+            if blob.get("version") == _INDEX_VERSION and blob.get("robot") == self._fingerprint():
+                cached = blob["files"]
+        entries: dict[str, Any] = {}
+        episodes = []
+        for path in self.files:
+            st = os.stat(path)
+            key = [st.st_size, st.st_mtime_ns]
+            hit = cached.get(path)
+            if hit is not None and hit["stat"] == key:
+                entry = hit
+            else:
+                try:
+                    info = self.scan_file(path)
+                    entry = {"stat": key, "info": info.to_json() if isinstance(info, EpisodeInfo) else None,
+                             "skip": None if isinstance(info, EpisodeInfo) else info}
+                except EpisodeError as e:
+                    if not self.skip_bad_episodes:
+                        raise
+                    entry = {"stat": key, "info": None, "skip": f"error: {e}"}
+            entries[path] = entry
+            if entry["info"] is not None:
+                self._load_instructions(path)
+                episodes.append(EpisodeInfo.from_json(entry["info"]))
+            else:
+                self.report.add(entry["skip"].split(":")[0], path)
+        self.report.used = len(episodes)
+        if index_cache is not None:
+            tmp = f"{index_cache}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"version": _INDEX_VERSION, "robot": self._fingerprint(), "files": entries}, f)
+            os.replace(tmp, index_cache)
+        return episodes
+
+    def scan_file(self, path: str) -> EpisodeInfo | str:
+        """Check one file and compute its EpisodeInfo, or return a skip reason ('too_short')."""
+        r = self.robot
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise EpisodeError(f"{path}: cannot open HDF5 file (truncated or corrupt?): {e}") from e
+        with f:
+            qpos = _read(f, r.state_key, path)
+            action = _read(f, r.action_key, path)
+            for key, a, names in ((r.state_key, qpos, r.state_names), (r.action_key, action, r.action_names)):
+                if a.ndim != 2 or a.shape[1] != len(names):
+                    raise EpisodeError(f"{path}: {key!r} has shape {a.shape}, expected (T, {len(names)})")
+                _check_finite(a, path, key)
+            num_steps = qpos.shape[0]
+            if action.shape[0] != num_steps:
+                raise EpisodeError(f"{path}: {r.action_key!r} has {action.shape[0]} steps, "
+                                   f"{r.state_key!r} has {num_steps}")
+            for key in r.camera_keys:
+                if key is None:
+                    continue
+                if key not in f:
+                    raise EpisodeError(f"{path}: missing key {key!r}")
+                ds = f[key]
+                if ds.shape[0] != num_steps:
+                    raise EpisodeError(f"{path}: {key!r} has {ds.shape[0]} frames, expected {num_steps}")
+                try:
+                    frame_bytes_layout(ds)
+                except ValueError as e:
+                    raise EpisodeError(f"{path}: {key!r}: {e}") from e
+                if self.check_images and num_steps:
+                    self._read_frames(f, key, path, 0, 1)
+            if num_steps < r.min_episode_len:
+                return "too_short"
+            first_idx = first_movement(qpos, r.first_move_threshold)
+            if first_idx is None:
+                raise EpisodeError(f"{path}: {r.state_key!r} never moves more than "
+                                   f"{r.first_move_threshold} from step 0")
+        state = qpos / self._state_div
+        return EpisodeInfo(
+            path=path, num_steps=num_steps, first_idx=first_idx,
+            state_std=np.std(state, axis=0), state_mean=np.mean(state, axis=0),
+            state_norm=np.sqrt(np.mean(state**2, axis=0)),
+        )
+
+    def _load_instructions(self, path: str) -> None:
+        d = os.path.dirname(path)
+        if d in self._instructions:
+            return
+        jpath = os.path.join(d, self.robot.instruction_file)
+        try:
+            with open(jpath) as f:
+                content = json.load(f)
+        except FileNotFoundError as e:
+            raise EpisodeError(f"{path}: instruction file {jpath} not found") from e
+        except json.JSONDecodeError as e:
+            raise EpisodeError(f"{jpath}: invalid JSON ({e})") from e
+        for k in self.robot.instruction_keys:
+            v = content.get(k)
+            ok = isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(s, str) for s in v))
+            if not ok:
+                raise EpisodeError(f"{jpath}: key {k!r} must be a string or a non-empty list of strings")
+        self._instructions[d] = content
+
+    # ---------------------------------------------------------------- sample
+    def _read_frames(self, f: h5py.File, key: str, path: str, start: int, stop: int) -> list[np.ndarray]:
+        ds = f[key]
+        layout = frame_bytes_layout(ds)
+        raw = ds[start:stop]
+        out = []
+        for t, el in zip(range(start, stop), raw, strict=True):
+            where = f"{path}: {key!r} step {t}"
+            if layout == "raw":
+                img = np.asarray(el)
+                if img.dtype != np.uint8:
+                    raise EpisodeError(f"{where}: raw frames must be uint8, got {img.dtype}")
+            else:
+                try:
+                    img = decode_jpeg(_element_buffer(el), color=self.robot.jpeg_color, where=where)
+                except (ValueError, TypeError) as e:
+                    raise EpisodeError(str(e)) from e
+            want = self.robot.image_shape
+            if (want is not None and img.shape != want) or img.ndim != 3 or img.shape[-1] != 3:
+                raise EpisodeError(f"{where}: image shape {img.shape}, expected {want or '(H, W, 3)'}")
+            out.append(img)
+        return out
+
+    def choose(self, rng: np.random.Generator) -> tuple[int, int]:
+        """(episode number, step_id) with the official weights."""
+        e = int(np.searchsorted(self._cum_weights, rng.random() * self._cum_weights[-1], side="right"))
+        e = min(e, len(self.episodes) - 1)
+        ep = self.episodes[e]
+        return e, int(rng.integers(ep.first_idx - 1, ep.num_steps))
+
+    def _instruction(self, path: str, rng: np.random.Generator) -> tuple[str, str | None]:
+        content = self._instructions[os.path.dirname(path)]
+        v = content[self.robot.instruction_keys[int(rng.integers(len(self.robot.instruction_keys)))]]
+        text = v[int(rng.integers(len(v)))] if isinstance(v, list) else v
+        # Precomputed embeddings: the entry is a file path (a trailing "." from the TF
+        # pipeline's capitalisation helper is dropped, as officially).
+        cand = text[:-1] if text.endswith(".") else text
+        if cand.endswith((".pt", ".safetensors")):
+            p = cand if os.path.isabs(cand) else os.path.join(os.path.dirname(path), cand)
+            return text, p
+        return text, None
+
+    def get(self, index: int, rng: np.random.Generator) -> RawSample:
+        del index  # HDF5 sampling is random like the official loader; rng carries (seed, index)
+        e, step_id = self.choose(rng)
+        return self.sample_at(e, step_id, rng)
+
+    def sample_at(self, episode: int, step_id: int, rng: np.random.Generator | None = None) -> RawSample:
+        """The sample of step `step_id` of episode `episode` (rng only picks the instruction)."""
+        r, ep = self.robot, self.episodes[episode]
+        path = ep.path
+        if not ep.first_idx - 1 <= step_id < ep.num_steps:
+            raise IndexError(f"{path}: step {step_id} outside [{ep.first_idx - 1}, {ep.num_steps})")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as err:
+            raise EpisodeError(f"{path}: cannot open HDF5 file: {err}") from err
+        with f:
+            state = _read(f, r.state_key, path, slice(step_id, step_id + 1)) / self._state_div
+            actions = _read(f, r.action_key, path, slice(step_id, step_id + r.horizon)) / self._action_div
+            _check_finite(state, path, r.state_key)
+            _check_finite(actions, path, r.action_key)
+            frames, masks = [], []
+            valid_len = min(step_id - (ep.first_idx - 1) + 1, IMG_HISTORY)
+            time_mask = np.array([False] * (IMG_HISTORY - valid_len) + [True] * valid_len)
+            for key in r.camera_keys:
+                if key is None:
+                    frames.append(np.zeros((IMG_HISTORY, 0, 0, 3), np.uint8))
+                    masks.append(np.zeros(IMG_HISTORY, bool))
+                    continue
+                imgs = self._read_frames(f, key, path, max(step_id - IMG_HISTORY + 1, 0), step_id + 1)
+                imgs = [imgs[0]] * (IMG_HISTORY - len(imgs)) + imgs  # repeat the first frame in front
+                frames.append(np.stack(imgs))
+                masks.append(time_mask)
+        if actions.shape[0] < r.horizon:
+            actions = np.concatenate([actions, np.repeat(actions[-1:], r.horizon - actions.shape[0], 0)])
+        instruction, embed_path = self._instruction(path, rng or np.random.default_rng(0))
+
+        def unified(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+            out = np.zeros((*x.shape[:-1], action_space.STATE_DIM), np.float64)
+            out[..., idx] = x
+            return out
+
+        return RawSample(
+            dataset_name=self.dataset_name, episode_id=path, step_id=step_id,
+            state=unified(state, self._state_idx), actions=unified(actions, self._action_idx),
+            state_elem_mask=self.state_elem_mask.copy(),
+            state_std=unified(ep.state_std, self._state_idx),
+            state_mean=unified(ep.state_mean, self._state_idx),
+            state_norm=unified(ep.state_norm, self._state_idx),
+            frames=tuple(frames), frame_masks=np.stack(masks), ctrl_freq=float(r.ctrl_freq),
+            instruction=instruction, lang_embed_path=embed_path,
+        )
+
+    def episode_states(self) -> Iterator[np.ndarray]:
+        """Per episode, the unified states from first_idx − 1 to the end (for statistics)."""
+        for ep in self.episodes:
+            with h5py.File(ep.path, "r") as f:
+                q = _read(f, self.robot.state_key, ep.path, slice(ep.first_idx - 1, None)) / self._state_div
+            out = np.zeros((q.shape[0], action_space.STATE_DIM), np.float64)
+            out[:, self._state_idx] = q
+            yield out

@@ -1,0 +1,112 @@
+"""Precomputed T5 instruction embeddings: loading, the empty instruction, right-padding.
+
+Formats: the official `.pt` files (a tensor (L, 4096) or (1, L, 4096), or the
+`encode_lang.py` dict with key "embeddings"), read with `torch.load(weights_only=True)`
+(torch imported lazily); and ours, a safetensors file with tensor `embeddings` (L, 4096)
+and metadata `instruction`. `EmbeddingStore` maps instruction text to a file in a directory
+by the SHA-256 of the text.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pathlib
+
+import numpy as np
+
+LANG_DIM = 4096
+_ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
+
+
+@functools.cache
+def empty_embedding() -> np.ndarray:
+    """The official empty-instruction embedding (1, 4096) float32 (bf16 values, exact)."""
+    e = np.load(_ASSETS / "empty_lang_embed_f32.npy", allow_pickle=False)
+    e.setflags(write=False)
+    return e
+
+
+def _check(e: np.ndarray, path: str) -> np.ndarray:
+    if e.ndim == 3 and e.shape[0] == 1:
+        e = e[0]
+    if e.ndim != 2 or e.shape[1] != LANG_DIM or e.shape[0] == 0:
+        raise ValueError(f"{path}: language embedding has shape {e.shape}, expected (L, {LANG_DIM})")
+    if not np.all(np.isfinite(e)):
+        raise ValueError(f"{path}: language embedding contains NaN or inf")
+    return e
+
+
+def load_embedding(path: str | os.PathLike) -> np.ndarray:
+    """(L, 4096) float32 from a .pt or .safetensors file."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        try:
+            tensors = load_file(path)
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{path}: cannot read safetensors ({e})") from e
+        if "embeddings" not in tensors:
+            raise ValueError(f"{path}: missing key 'embeddings' (has {sorted(tensors)})")
+        return _check(np.asarray(tensors["embeddings"], np.float32), path)
+    if path.endswith(".pt"):
+        import torch
+
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict):
+            if "embeddings" not in obj:
+                raise ValueError(f"{path}: missing key 'embeddings' (has {sorted(obj)})")
+            obj = obj["embeddings"]
+        if not isinstance(obj, torch.Tensor):
+            raise ValueError(f"{path}: expected a tensor, got {type(obj).__name__}")
+        return _check(obj.detach().float().numpy(), path)
+    raise ValueError(f"{path}: unknown embedding format (expected .pt or .safetensors)")
+
+
+def save_embedding(path: str | os.PathLike, embeddings: np.ndarray, instruction: str) -> None:
+    """Write our safetensors format: `embeddings` (L, 4096) + metadata `instruction`."""
+    from safetensors.numpy import save_file
+
+    save_file({"embeddings": np.ascontiguousarray(_check(np.asarray(embeddings), os.fspath(path)))},
+              os.fspath(path), metadata={"instruction": instruction})
+
+
+class EmbeddingStore:
+    """Directory of `<sha256(text)[:32]>.safetensors` files, one per instruction text."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = pathlib.Path(directory)
+
+    @staticmethod
+    def filename(text: str) -> str:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32] + ".safetensors"
+
+    def path(self, text: str) -> pathlib.Path:
+        return self.directory / self.filename(text)
+
+    def put(self, text: str, embeddings: np.ndarray) -> pathlib.Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        p = self.path(text)
+        save_embedding(p, embeddings, text)
+        return p
+
+    def get(self, text: str) -> np.ndarray:
+        p = self.path(text)
+        if not p.exists():
+            raise KeyError(f"no precomputed embedding for instruction {text!r} (expected {p})")
+        return load_embedding(p)
+
+
+def pad_embedding(e: np.ndarray, max_len: int, dtype: np.typing.DTypeLike = np.float32
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad (L, 4096) with zeros to (max_len, 4096); mask True on the first L rows."""
+    n = e.shape[0]
+    if n > max_len:
+        raise ValueError(f"language embedding has {n} tokens, more than max_lang_len={max_len}")
+    out = np.zeros((max_len, e.shape[1]), dtype)
+    out[:n] = e
+    mask = np.zeros(max_len, bool)
+    mask[:n] = True
+    return out, mask

@@ -1,0 +1,140 @@
+"""Weighted mixture of named step sources → transformed, sharded, batched grain pipeline.
+
+Global sample index i (0, 1, 2, …) → dataset k (weighted choice) → `source.get(i, rng)` →
+`SampleTransform(raw, rng')`, with every generator derived from (seed, purpose, i). Process
+p of P then takes indices i ≡ p (mod P) (disjoint streams, no coordination) and batches them.
+The iterator is a grain `DatasetIterator`: `get_state()`/`set_state()` give a small dict
+(the next index) that can go into an Orbax checkpoint.
+
+Mixing: `"random"` draws the dataset of each sample independently with probability ∝ weight,
+as the official pipeline does (`MapDataset.select_from_datasets` with a seeded selection
+map); `"interleave"` uses grain's deterministic `MapDataset.mix` (exact proportions over
+every window of sum(weights) samples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import grain
+import numpy as np
+
+from rdt_jax.data.schema import BatchConfig, StepSource
+from rdt_jax.data.transform import SampleTransform
+
+# Distinct streams per purpose, so adding e.g. augmentation never shifts the dataset choice.
+_SELECT, _SOURCE, _TRANSFORM = 1, 2, 3
+
+
+def load_weights(path: str | os.PathLike, names: Sequence[str] | None = None) -> dict[str, float]:
+    """Weights `{dataset: weight}` from a JSON file (e.g. pretrain_sample_weights.json)."""
+    with open(path) as f:
+        w = json.load(f)
+    if not isinstance(w, dict) or not all(isinstance(v, int | float) for v in w.values()):
+        raise ValueError(f"{path}: expected a JSON object {{dataset_name: weight}}")
+    if names is not None:
+        missing = sorted(set(names) - set(w))
+        if missing:
+            raise KeyError(f"{path}: no weight for datasets {missing}")
+        w = {n: w[n] for n in names}
+    return {k: float(v) for k, v in w.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    seed: int = 0
+    mixing: Literal["random", "interleave"] = "random"
+    num_threads: int = 2  # grain read threads (cv2/PIL release the GIL)
+    prefetch_buffer_size: int = 16  # samples
+
+
+class _SourceMap(grain.MapDataset):
+    """An infinite MapDataset view of a StepSource."""
+
+    def __init__(self, source: StepSource, dataset_id: int, seed: int):
+        super().__init__()
+        self._source, self._id, self._seed = source, dataset_id, seed
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._source.get(index, np.random.default_rng([self._seed, _SOURCE, self._id, index]))
+
+    def __str__(self) -> str:
+        return f"_SourceMap({self._source.dataset_name})"
+
+
+class RandomSelection(grain.transforms.DatasetSelectionMap):
+    """Global index i → (dataset drawn ∝ weights from rng(seed, i), i)."""
+
+    def __init__(self, weights: Sequence[float], seed: int):
+        w = np.asarray(weights, np.float64)
+        if w.ndim != 1 or not len(w) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+        self._cum = np.cumsum(w / w.sum())
+        self._seed = seed
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        u = np.random.default_rng([self._seed, _SELECT, index]).random()
+        return min(int(np.searchsorted(self._cum, u, side="right")), len(self._cum) - 1), index
+
+
+def build_mixture(
+    sources: Mapping[str, StepSource],
+    weights: Mapping[str, float],
+    transform: SampleTransform,
+    cfg: PipelineConfig,
+) -> grain.MapDataset:
+    """The infinite, unsharded MapDataset of transformed samples (index = global sample index)."""
+    unknown = sorted(set(weights) - set(sources))
+    if unknown:
+        raise KeyError(f"weights name datasets without a source: {unknown}")
+    names = [n for n in sources if weights.get(n, 0) > 0]
+    if not names:
+        raise ValueError(f"no dataset with positive weight among {sorted(sources)}")
+    for n in names:
+        if n not in transform.dataset_ids:
+            raise KeyError(f"unknown dataset name {n!r}: no dataset id ({sorted(transform.dataset_ids)})")
+        if sources[n].dataset_name != n:
+            raise ValueError(f"source registered as {n!r} yields dataset_name {sources[n].dataset_name!r}")
+    children = [_SourceMap(sources[n], transform.dataset_ids[n], cfg.seed) for n in names]
+    w = [float(weights[n]) for n in names]
+    if cfg.mixing == "random":
+        mixed = grain.MapDataset.select_from_datasets(children, RandomSelection(w, cfg.seed))
+    elif cfg.mixing == "interleave":
+        mixed = grain.MapDataset.mix(children, w)
+    else:
+        raise ValueError(f"unknown mixing {cfg.mixing!r}")
+    seed = cfg.seed
+    return mixed.map_with_index(
+        lambda i, raw: transform(raw, np.random.default_rng([seed, _TRANSFORM, i])))
+
+
+def build_pipeline(
+    sources: Mapping[str, StepSource],
+    weights: Mapping[str, float],
+    transform: SampleTransform,
+    batch_cfg: BatchConfig,
+    cfg: PipelineConfig = PipelineConfig(),
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Batches of `batch_cfg.batch_size` samples for this process (pass jax.process_index()/count)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    ds = build_mixture(sources, weights, transform, cfg)[process_index::process_count]
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
+                                              prefetch_buffer_size=cfg.prefetch_buffer_size))
+    return it.batch(batch_cfg.batch_size, drop_remainder=True)
