@@ -42,6 +42,7 @@ __all__ = [
     "logical_sharding",
     "make_placer",
     "read_config",
+    "read_safetensors",
 ]
 
 # safetensors dtype tags -> numpy dtypes (bfloat16 through ml_dtypes).
@@ -114,6 +115,23 @@ def _safetensors_header(path: pathlib.Path) -> tuple[dict[str, Any], int]:
             raise CheckpointMismatchError(f"{path}: not a safetensors file (header length {n})")
         header = json.loads(f.read(n))
     return header, 8 + n
+
+
+def read_safetensors(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All tensors of a small safetensors file as numpy arrays (bfloat16 via ml_dtypes), and its metadata."""
+    path = pathlib.Path(path)
+    header, start = _safetensors_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    raw = np.fromfile(path, dtype=np.uint8)
+    out: dict[str, np.ndarray] = {}
+    for key, info in header.items():
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointMismatchError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        out[key] = (
+            raw[start + begin : start + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"]).copy()
+        )
+    return out, dict(metadata)
 
 
 def _torch_to_numpy(t: Any) -> np.ndarray:

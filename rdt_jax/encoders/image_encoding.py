@@ -1,0 +1,62 @@
+"""The image tokens RDT conditions on: SigLIP ``last_hidden_state`` of the 6 images of a sample.
+
+A sample's images come in the order ``[ext_{t-1}, right_{t-1}, left_{t-1}, ext_t, right_t,
+left_t]``, already preprocessed (pad to square with (127,127,127), bicubic resize to 384,
+``(x/255 - 0.5)/0.5``; the data pipeline owns that transform so training and serving see the
+same pixels). They are encoded as one batch of ``B·6`` images and reshaped to
+``(B, 6·729, 1152)``: token ``n = image·729 + patch``, the layout of RDT's image position table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rdt_jax.encoders.siglip import SiglipVisionTower
+
+__all__ = ["encode_images", "make_image_encoder"]
+
+
+def _is_channels_last(shape: tuple[int, ...], channels: int) -> bool:
+    if shape[-1] == channels and shape[-3] != channels:
+        return True
+    if shape[-3] == channels and shape[-1] != channels:
+        return False
+    raise ValueError(f"cannot tell the channel axis of images with shape {shape}; pass channels_last")
+
+
+def encode_images(
+    tower: SiglipVisionTower, images: jax.Array, *, channels_last: bool | None = None
+) -> jax.Array:
+    """``images`` (B, N, 3, H, W) or (B, N, H, W, 3), normalised -> (B, N·num_patches, hidden).
+
+    The output dtype is the tower's compute dtype (bfloat16 for a bfloat16 tower).
+    """
+    if images.ndim != 5:
+        raise ValueError(f"images must be (B, N, C, H, W) or (B, N, H, W, C), got shape {images.shape}")
+    if channels_last is None:
+        channels_last = _is_channels_last(images.shape, tower.cfg.num_channels)
+    b, n = images.shape[:2]
+    tokens = tower(images.reshape(b * n, *images.shape[2:]), channels_last=channels_last)
+    return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+
+
+def make_image_encoder(
+    tower: SiglipVisionTower, *, channels_last: bool | None = None
+) -> Callable[[jax.Array], jax.Array]:
+    """A jitted ``images -> tokens`` closure over the tower's weights.
+
+    The weights are passed to the compiled function as arguments (not baked in as constants),
+    so they keep their device placement/sharding and compiling is cheap. One compilation per
+    input shape and dtype.
+    """
+    graphdef, state = nnx.split(tower)
+
+    @jax.jit
+    def run(state: nnx.State, images: jax.Array) -> jax.Array:
+        return encode_images(nnx.merge(graphdef, state), images, channels_last=channels_last)
+
+    return lambda images: run(state, jnp.asarray(images))

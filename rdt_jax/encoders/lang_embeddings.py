@@ -1,0 +1,78 @@
+"""Pre-computed language embedding files (T5-XXL ``last_hidden_state`` of one instruction).
+
+Two formats, both holding the **unpadded** embedding ``(L, 4096)`` of one instruction
+(``L`` = its token count including EOS):
+
+* **official** ``.pt`` (RDT's ``encode_lang_batch.py`` layout): ``torch.save`` of a bfloat16
+  tensor ``(L, 4096)``. RDT's single-instruction ``encode_lang.py`` instead saves a dict
+  ``{"name", "instruction", "embeddings": (1, L, 4096)}``; :func:`load_lang_embedding` reads
+  both. Loaded with ``torch.load(..., weights_only=True)`` (no pickle code execution).
+* **ours** ``.safetensors``: key ``embeddings`` ``(L, 4096)`` (bfloat16 by default), metadata
+  ``{"instruction": <text>}``. Readable without torch or jax.
+
+The data pipeline should call :func:`load_lang_embedding`, which returns a numpy array
+``(L, 4096)`` (float32, or ``ml_dtypes.bfloat16``) whatever the format.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import ml_dtypes
+import numpy as np
+
+from rdt_jax.encoders.hf_import import read_safetensors
+
+__all__ = ["load_lang_embedding", "save_lang_embedding_pt", "save_lang_embedding_safetensors"]
+
+
+def _check(emb: np.ndarray) -> np.ndarray:
+    emb = np.asarray(emb)
+    if emb.ndim == 3 and emb.shape[0] == 1:
+        emb = emb[0]
+    if emb.ndim != 2:
+        raise ValueError(f"language embedding must be (L, D), got shape {emb.shape}")
+    return emb
+
+
+def save_lang_embedding_safetensors(
+    path: str | pathlib.Path, emb: np.ndarray, instruction: str, *, dtype: np.dtype = ml_dtypes.bfloat16
+) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(
+        {"embeddings": np.ascontiguousarray(_check(emb).astype(dtype))},
+        str(path),
+        {"instruction": instruction},
+    )
+
+
+def save_lang_embedding_pt(path: str | pathlib.Path, emb: np.ndarray, *, bfloat16: bool = True) -> None:
+    """The official layout: a bare ``(L, D)`` tensor (bfloat16 like RDT's files, else float32)."""
+    import torch
+
+    arr = np.ascontiguousarray(_check(emb).astype(np.float32))
+    t = torch.from_numpy(arr)
+    torch.save(t.to(torch.bfloat16) if bfloat16 else t, str(path))
+
+
+def load_lang_embedding(path: str | pathlib.Path) -> np.ndarray:
+    """``(L, D)`` from either format (``.safetensors`` by suffix, otherwise the official ``.pt``)."""
+    path = pathlib.Path(path)
+    if path.suffix == ".safetensors":
+        tensors, _ = read_safetensors(path)
+        if "embeddings" not in tensors:
+            raise KeyError(f"{path}: no 'embeddings' tensor (keys {sorted(tensors)})")
+        return _check(tensors["embeddings"])
+    import torch
+
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        if "embeddings" not in obj:
+            raise KeyError(f"{path}: dict without 'embeddings' (keys {sorted(obj)})")
+        obj = obj["embeddings"]
+    if not isinstance(obj, torch.Tensor):
+        raise TypeError(f"{path}: expected a tensor, got {type(obj).__name__}")
+    if obj.dtype == torch.bfloat16:
+        return _check(obj.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16))
+    return _check(obj.float().numpy())

@@ -1,0 +1,123 @@
+"""SigLIP vision tower: parity with transformers' SiglipVisionModel (PyTorch, CPU)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from rdt_jax.encoders import load_siglip
+from rdt_jax.encoders.image_encoding import encode_images, make_image_encoder
+
+# (name, config): includes odd widths / head dims / MLP sizes and an image size not divisible
+# by the patch size (the last pixels are never seen, as in so400m's 384 = 27·14 + 6).
+CONFIGS = {
+    "base": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=7,
+    ),
+    "odd": dict(
+        hidden_size=36,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        image_size=31,
+        patch_size=5,
+    ),
+    "one_layer_big_patch": dict(
+        hidden_size=24,
+        intermediate_size=50,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=40,
+        patch_size=14,
+    ),
+}
+
+
+def _forward(tower, x, **kw):
+    return np.asarray(jax.jit(lambda t, x: t(x, **kw))(tower, jnp.asarray(x)).astype(jnp.float32))
+
+
+def _ref(model, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parity_float32(hf_factory, errs, name):
+    rel_err, max_rel_err = errs
+    model, path = hf_factory("siglip_vision", **CONFIGS[name])
+    cfg = CONFIGS[name]
+    x = (
+        np.random.default_rng(1)
+        .uniform(-1, 1, (3, 3, cfg["image_size"], cfg["image_size"]))
+        .astype(np.float32)
+    )
+    ref = _ref(model, x)
+    tower = load_siglip(path)
+    out = _forward(tower, x)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) <= 1e-5 and max_rel_err(out, ref) <= 1e-5, (
+        rel_err(out, ref),
+        max_rel_err(out, ref),
+    )
+    # Our pipeline's channels-last layout gives the same tokens.
+    out_nhwc = _forward(tower, x.transpose(0, 2, 3, 1), channels_last=True)
+    assert rel_err(out_nhwc, ref) <= 1e-5
+
+
+def test_parity_bfloat16(hf_factory, errs):
+    rel_err, _ = errs
+    model, path = hf_factory("siglip_vision", **CONFIGS["odd"])
+    x = np.random.default_rng(2).uniform(-1, 1, (2, 3, 31, 31)).astype(np.float32)
+    ref = _ref(model, x)
+    tower = load_siglip(path, dtype=jnp.bfloat16)
+    assert tower.layers.q_kernel[...].dtype == jnp.bfloat16
+    out = _forward(tower, x)
+    assert np.isfinite(out).all()
+    assert rel_err(out, ref) <= 2e-2, rel_err(out, ref)
+
+
+def test_full_siglip_checkpoint(hf_factory, errs):
+    """The published so400m repo is a full SiglipModel: vision_model.* keys, a text tower, logit scale."""
+    rel_err, _ = errs
+    cfg = CONFIGS["base"]
+    model, path = hf_factory("siglip_full", **cfg)
+    x = np.random.default_rng(3).uniform(-1, 1, (2, 3, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        ref = model.vision_model(pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
+    out = _forward(load_siglip(path), x)
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_image_encoding_six_images(hf_factory, errs):
+    """(B, 6, C, H, W) -> (B, 6·P, D) with token = image·P + patch, both layouts, jitted."""
+    rel_err, _ = errs
+    cfg = CONFIGS["base"]
+    model, path = hf_factory("siglip_vision", **cfg)
+    imgs = np.random.default_rng(4).uniform(-1, 1, (2, 6, 3, 28, 28)).astype(np.float32)
+    ref = _ref(model, imgs.reshape(12, 3, 28, 28)).reshape(2, 6 * 16, 32)
+    tower = load_siglip(path)
+    enc = make_image_encoder(tower)
+    out = np.asarray(enc(imgs))
+    assert out.shape == (2, 96, 32)
+    assert rel_err(out, ref) <= 1e-5
+    out_nhwc = np.asarray(enc(imgs.transpose(0, 1, 3, 4, 2)))
+    assert rel_err(out_nhwc, ref) <= 1e-5
+    # The un-jitted function agrees too (one image's tokens land in its own slot).
+    one = np.asarray(encode_images(tower, jnp.asarray(imgs[:1])))
+    np.testing.assert_allclose(one[0, 16:32], ref[0, 16:32], rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_wrong_image_size_is_an_error(hf_factory):
+    _, path = hf_factory("siglip_vision", **CONFIGS["base"])
+    tower = load_siglip(path)
+    with pytest.raises(ValueError, match="patches"):
+        tower(jnp.zeros((1, 3, 35, 35)))

@@ -1,0 +1,160 @@
+"""T5 v1.1 encoder: parity with transformers' T5EncoderModel (PyTorch, CPU), sharding, formats."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.sharding import Mesh, PartitionSpec
+from transformers.models.t5.modeling_t5 import T5Attention
+
+from rdt_jax.encoders import load_t5
+from rdt_jax.encoders.t5 import relative_position_buckets
+
+CONFIGS = {
+    "base": dict(vocab_size=64, d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2),
+    # Odd sizes, inner dim (3·5) != d_model, few buckets / short max distance so long
+    # sequences reach the log-spaced and clipped buckets in both directions.
+    "odd": dict(
+        vocab_size=53,
+        d_model=24,
+        d_ff=37,
+        d_kv=5,
+        num_heads=3,
+        num_layers=3,
+        relative_attention_num_buckets=10,
+        relative_attention_max_distance=20,
+    ),
+}
+
+
+def _batch(vocab: int, lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ids (pad id 0) and the matching mask, one row per length."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), max(lengths)), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(2, vocab, n)
+        ids[i, n - 1] = 1  # EOS
+    return ids, ids != 0
+
+
+def _ref(model, ids, mask) -> np.ndarray:
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64)))
+    return out.last_hidden_state.numpy()
+
+
+def _forward(enc, ids, mask) -> np.ndarray:
+    mask = None if mask is None else jnp.asarray(mask)
+    out = jax.jit(lambda e, i, m: e(i, m))(enc, jnp.asarray(ids, jnp.int32), mask)
+    return np.asarray(out.astype(jnp.float32))
+
+
+@pytest.mark.parametrize(("num_buckets", "max_distance"), [(32, 128), (10, 20), (8, 8), (64, 300)])
+def test_relative_position_buckets(num_buckets, max_distance):
+    n = 700
+    rel = torch.arange(n)[None, :] - torch.arange(n)[:, None]
+    ref = T5Attention._relative_position_bucket(rel, True, num_buckets, max_distance).numpy()
+    np.testing.assert_array_equal(relative_position_buckets(n, n, num_buckets, max_distance), ref)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parity_float32_padded_batch(hf_factory, errs, name):
+    rel_err, max_rel_err = errs
+    cfg = CONFIGS[name]
+    model, path = hf_factory("t5_encoder", **cfg)
+    ids, mask = _batch(cfg["vocab_size"], [45, 30, 7, 1])
+    ref = _ref(model, ids, mask)
+    enc = load_t5(path)
+    out = _forward(enc, ids, mask)
+    assert out.shape == ref.shape == (4, 45, cfg["d_model"])
+    # All positions, padded ones included (transformers computes them too).
+    assert rel_err(out, ref) <= 1e-5 and max_rel_err(out, ref) <= 1e-5, (
+        rel_err(out, ref),
+        max_rel_err(out, ref),
+    )
+    # Unpadded rows equal the padded batch's rows on their real tokens (what RDT stores).
+    alone = _forward(enc, ids[2:3, :7], mask[2:3, :7])
+    assert rel_err(alone[0], out[2, :7]) <= 1e-6
+    # No mask means every token is real.
+    full = ids[:1]
+    assert rel_err(_forward(enc, full, None), _ref(model, full, np.ones_like(full, bool))) <= 1e-5
+
+
+def test_parity_bfloat16(hf_factory, errs):
+    rel_err, _ = errs
+    cfg = CONFIGS["odd"]
+    model, path = hf_factory("t5_encoder", **cfg)
+    ids, mask = _batch(cfg["vocab_size"], [33, 12], seed=1)
+    ref = _ref(model, ids, mask)
+    enc = load_t5(path, dtype=jnp.bfloat16)
+    assert enc.blocks.wi_0[...].dtype == jnp.bfloat16
+    out = _forward(enc, ids, mask)
+    assert np.isfinite(out).all()
+    valid = mask[..., None].repeat(out.shape[-1], -1)
+    assert rel_err(out[valid], ref[valid]) <= 2e-2, rel_err(out[valid], ref[valid])
+
+
+def test_full_t5_checkpoint_and_bin_format(hf_factory, errs, tmp_path):
+    """google/t5-v1_1-xxl ships a full T5ForConditionalGeneration: decoder + lm_head keys are skipped."""
+    rel_err, _ = errs
+    cfg = CONFIGS["base"]
+    model, path = hf_factory("t5_full", **cfg)
+    ids, mask = _batch(cfg["vocab_size"], [20, 11], seed=2)
+    with torch.no_grad():
+        ref = model.encoder(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64))
+        )
+    ref = ref.last_hidden_state.numpy()
+    assert rel_err(_forward(load_t5(path), ids, mask), ref) <= 1e-5
+
+    # The same weights as a pytorch_model.bin (read with torch.load(weights_only=True, mmap=True)).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text((path / "config.json").read_text())
+    torch.save(
+        {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, bin_dir / "pytorch_model.bin"
+    )
+    enc = load_t5(bin_dir, dtype=jnp.bfloat16)
+    assert rel_err(_forward(enc, ids, mask), ref) <= 2e-2
+
+
+def test_sharded_safetensors_index(hf_factory, errs, tmp_path):
+    rel_err, _ = errs
+    cfg = CONFIGS["base"]
+    model, _ = hf_factory("t5_encoder", **cfg)
+    model.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ids, mask = _batch(cfg["vocab_size"], [9, 4], seed=3)
+    assert rel_err(_forward(load_t5(tmp_path), ids, mask), _ref(model, ids, mask)) <= 1e-5
+
+
+def test_mesh_sharding(hf_factory, errs):
+    """Loading onto an 8-device (fsdp=4, tensor=2) mesh shards the weights and keeps the outputs."""
+    rel_err, _ = errs
+    assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
+    cfg = CONFIGS["base"]
+    model, path = hf_factory("t5_encoder", **cfg)
+    ids, mask = _batch(cfg["vocab_size"], [16, 16, 9, 3], seed=4)
+    ref = _ref(model, ids, mask)
+    plain = _forward(load_t5(path), ids, mask)
+
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "tensor"))
+    enc = load_t5(path, mesh=mesh)
+    q = enc.blocks.q[...]
+    assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    assert {s.data.shape for s in q.addressable_shards} == {(2, 32 // 4, 32 // 2)}
+    assert enc.blocks.wo[...].sharding.spec == PartitionSpec(None, "tensor", "fsdp")
+    assert enc.embed[...].sharding.spec == PartitionSpec("tensor", "fsdp")
+    sharded = _forward(enc, ids, mask)
+    assert rel_err(sharded, plain) <= 1e-6
+    assert rel_err(sharded, ref) <= 1e-5
+
+    # FSDP only: one mesh axis, every width dimension split 8 ways.
+    mesh8 = Mesh(np.array(jax.devices()), ("fsdp",))
+    enc8 = load_t5(path, mesh=mesh8)
+    assert enc8.blocks.wi_0[...].sharding.spec == PartitionSpec(None, "fsdp", None)
+    assert rel_err(_forward(enc8, ids, mask), plain) <= 1e-6
