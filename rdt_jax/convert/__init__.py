@@ -1,0 +1,1 @@
+"""Weight conversion between the official PyTorch checkpoints and rdt-jax."""

@@ -1,0 +1,109 @@
+"""Small building blocks: linear layers with the official initialisers, MLPs, embedders, adaptors."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rdt_jax.model.config import adaptor_depth
+
+xavier_uniform = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def torch_default_bias_init(fan_in: int) -> nnx.Initializer:
+    """``nn.Linear``'s default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def linear(
+    din: int,
+    dout: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype,
+    param_dtype,
+    kernel_init: nnx.Initializer = xavier_uniform,
+    bias_init: nnx.Initializer = zeros,
+) -> nnx.Linear:
+    """A biased Linear; defaults are the RDT init (Xavier-uniform weight over the fused matrix, zero bias)."""
+    return nnx.Linear(
+        din, dout, use_bias=True, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
+    )
+
+
+class Mlp(nnx.Module):
+    """timm ``Mlp``: fc1 -> tanh-GELU -> fc2 (hidden width given explicitly; RDT uses ratio 1)."""
+
+    def __init__(self, din: int, dhidden: int, dout: int, *, rngs: nnx.Rngs, dtype, param_dtype,
+                 fc2_init: nnx.Initializer = xavier_uniform):
+        self.fc1 = linear(din, dhidden, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc2 = linear(dhidden, dout, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                          kernel_init=fc2_init)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(gelu_tanh(self.fc1(x)))
+
+
+class TimestepEmbedder(nnx.Module):
+    """Scalar (diffusion step or control frequency) -> ``[cos, sin]`` sinusoid (256) -> Linear-SiLU-Linear."""
+
+    def __init__(self, hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype, freq_dim: int = 256,
+                 max_period: float = 10000.0):
+        init = nnx.initializers.normal(0.02)
+        self.mlp0 = linear(freq_dim, hidden, rngs=rngs, dtype=dtype, param_dtype=param_dtype, kernel_init=init)
+        self.mlp2 = linear(hidden, hidden, rngs=rngs, dtype=dtype, param_dtype=param_dtype, kernel_init=init)
+        self.freq_dim = freq_dim
+        self.max_period = max_period
+        self.dtype = dtype
+
+    def sinusoid(self, t: jax.Array) -> jax.Array:
+        half = self.freq_dim // 2
+        freqs = jnp.exp(-math.log(self.max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+        args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+        emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+        if self.freq_dim % 2:
+            emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+        return emb
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        emb = self.sinusoid(t).astype(self.dtype)
+        return self.mlp2(jax.nn.silu(self.mlp0(emb)))
+
+
+class Adaptor(nnx.Module):
+    """Condition adaptor from a spec string: ``linear`` or ``mlp{k}x_gelu`` (Linear, then k-1 x [GELU, Linear]).
+
+    Initialised like PyTorch's default ``nn.Linear`` (the official code never re-initialises adaptors).
+    """
+
+    def __init__(self, spec: str, din: int, dout: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        n = adaptor_depth(spec)
+        kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        self.layers = nnx.List([
+            linear(din if i == 0 else dout, dout, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                   kernel_init=kernel_init, bias_init=torch_default_bias_init(din if i == 0 else dout))
+            for i in range(n)
+        ])
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        for i, layer in enumerate(self.layers):
+            if i:
+                x = gelu_tanh(x)
+            x = layer(x)
+        return x

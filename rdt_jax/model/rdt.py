@@ -1,0 +1,177 @@
+"""The RDT denoiser (``models/rdt/model.py``): embedders, position tables, alternating blocks, final layer.
+
+Blocks alternate: even-indexed blocks cross-attend to language (with its key mask), odd-indexed to
+image tokens. They are stored as two stacked modules (``lang_blocks`` holding blocks 0, 2, 4, ... and
+``img_blocks`` holding 1, 3, 5, ...) and run as a ``lax.scan`` over (language, image) pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rdt_jax.model.blocks import FinalLayer, RDTBlock, layer_slice, stacked
+from rdt_jax.model.config import RDTConfig
+from rdt_jax.model.layers import TimestepEmbedder
+from rdt_jax.model.pos_embed import initial_pos_tables
+
+
+class CondKV(NamedTuple):
+    """Per-block cross-attention keys/values of the conditions, stacked over blocks.
+
+    ``lang_k``/``lang_v``: (n_lang_blocks, B, L, H, hd); ``img_k``/``img_v``: (n_img_blocks, B, I, H, hd).
+    """
+
+    lang_k: jax.Array
+    lang_v: jax.Array
+    img_k: jax.Array
+    img_v: jax.Array
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class RDT(nnx.Module):
+    def __init__(self, cfg: RDTConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        kw = dict(rngs=rngs, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype)
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size, **kw)
+        self.freq_embedder = TimestepEmbedder(cfg.hidden_size, **kw)
+        tables = initial_pos_tables(cfg)
+        for name, table in tables.items():
+            setattr(self, name, nnx.Param(jnp.asarray(table[None], dtype=cfg.jnp_param_dtype)))
+        key = rngs.params()
+        k_lang, k_img = jax.random.split(key)
+        self.lang_blocks = stacked(lambda r: RDTBlock(cfg, rngs=r), cfg.num_lang_blocks, k_lang)
+        if cfg.num_img_blocks:
+            self.img_blocks = stacked(lambda r: RDTBlock(cfg, rngs=r), cfg.num_img_blocks, k_img)
+        else:
+            self.img_blocks = None
+        self.final_layer = FinalLayer(cfg, rngs=rngs)
+
+    # ------------------------------------------------------------------ conditions
+    def add_cond_pos(self, lang_c: jax.Array | None, img_c: jax.Array | None) -> tuple[Any, Any]:
+        cfg = self.config
+        if lang_c is not None:
+            if lang_c.ndim != 3 or lang_c.shape[-1] != cfg.hidden_size:
+                raise ValueError(f"lang_c must be (B, L, {cfg.hidden_size}), got {lang_c.shape}")
+            if lang_c.shape[1] > cfg.max_lang_cond_len:
+                raise ValueError(
+                    f"lang_c has {lang_c.shape[1]} tokens, more than max_lang_cond_len={cfg.max_lang_cond_len}"
+                )
+            lang_c = lang_c + self.lang_cond_pos_embed[:, : lang_c.shape[1]].astype(lang_c.dtype)
+        if img_c is not None:
+            if img_c.shape[1:] != (cfg.img_cond_len, cfg.hidden_size):
+                raise ValueError(
+                    f"img_c must be (B, {cfg.img_cond_len}, {cfg.hidden_size}), got {img_c.shape}"
+                )
+            img_c = img_c + self.img_cond_pos_embed[...].astype(img_c.dtype)
+        return lang_c, img_c
+
+    def precompute_cond_kv(self, lang_c: jax.Array, img_c: jax.Array) -> CondKV:
+        """Every block's condition K (after k-norm) and V; constant across denoising steps."""
+        lc, ic = self.add_cond_pos(lang_c.astype(self.config.jnp_dtype), img_c.astype(self.config.jnp_dtype))
+
+        def kv_of(blocks: nnx.Module, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
+            graphdef, state = nnx.split(blocks)
+
+            def body(_, layer_state):
+                return None, nnx.merge(graphdef, layer_state).cross_attn.cond_kv(cond)
+
+            return jax.lax.scan(body, None, state)[1]
+
+        lang_k, lang_v = kv_of(self.lang_blocks, lc)
+        if self.img_blocks is not None:
+            img_k, img_v = kv_of(self.img_blocks, ic)
+        else:
+            img_k = img_v = jnp.zeros((0,), self.config.jnp_dtype)
+        return CondKV(lang_k, lang_v, img_k, img_v)
+
+    # ------------------------------------------------------------------ forward
+    def __call__(
+        self,
+        x: jax.Array,
+        freq: jax.Array,
+        t: jax.Array,
+        lang_c: jax.Array | None = None,
+        img_c: jax.Array | None = None,
+        lang_mask: jax.Array | None = None,
+        *,
+        cond_kv: CondKV | None = None,
+        capture: bool = False,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """``x`` (B, horizon+1, D) -> (B, horizon, action_dim); ``capture`` also returns intermediates."""
+        cfg = self.config
+        dtype = cfg.jnp_dtype
+        if x.ndim != 3 or x.shape[1:] != (cfg.pred_horizon + 1, cfg.hidden_size):
+            raise ValueError(f"x must be (B, {cfg.pred_horizon + 1}, {cfg.hidden_size}), got {x.shape}")
+        batch = x.shape[0]
+        t = jnp.broadcast_to(jnp.reshape(jnp.asarray(t), (-1,)), (batch,))
+        freq = jnp.broadcast_to(jnp.reshape(jnp.asarray(freq), (-1,)), (batch,))
+        t_emb = self.t_embedder(t)
+        freq_emb = self.freq_embedder(freq)
+        h = jnp.concatenate([t_emb[:, None], freq_emb[:, None], x.astype(dtype)], axis=1)
+        h = h + self.x_pos_embed[...].astype(dtype)
+        tokens_in = h
+
+        if cond_kv is None:
+            if lang_c is None or img_c is None:
+                raise ValueError("lang_c and img_c are required unless cond_kv is given")
+            lc, ic = self.add_cond_pos(lang_c.astype(dtype), img_c.astype(dtype))
+        else:
+            lc = ic = None
+        if lang_mask is not None:
+            lang_mask = jnp.asarray(lang_mask, bool)
+            expected = (batch, lc.shape[1] if lc is not None else cond_kv.lang_k.shape[2])
+            if lang_mask.shape != expected:
+                raise ValueError(f"lang_mask must have shape {expected}, got {lang_mask.shape}")
+
+        h, block_outs = self._run_blocks(h, lc, ic, lang_mask, cond_kv, capture)
+        final = self.final_layer(h)
+        out = final[:, -cfg.pred_horizon :]
+        if not capture:
+            return out
+        return out, {
+            "t_emb": t_emb, "freq_emb": freq_emb, "tokens_in": tokens_in,
+            "block_out": block_outs, "final_out": final,
+        }
+
+    def _run_blocks(self, h, lc, ic, lang_mask, cond_kv: CondKV | None, capture: bool):
+        cfg = self.config
+        n_pairs = cfg.num_img_blocks
+        lang_gd, lang_state = nnx.split(layer_slice(self.lang_blocks, 0, n_pairs) if n_pairs else self.lang_blocks)
+
+        def pair(h, xs):
+            lang_state, img_state, kvs = xs
+            lang_kv = None if kvs is None else (kvs[0], kvs[1])
+            img_kv = None if kvs is None else (kvs[2], kvs[3])
+            h1 = nnx.merge(lang_gd, lang_state)(h, lc, lang_mask, lang_kv)
+            h2 = nnx.merge(img_gd, img_state)(h1, ic, None, img_kv)
+            return h2, (jnp.stack([h1, h2]) if capture else None)
+
+        if cfg.remat != "none":
+            pair = jax.checkpoint(pair, policy=_REMAT_POLICIES[cfg.remat])
+
+        outs = []
+        if n_pairs:
+            img_gd, img_state = nnx.split(self.img_blocks)
+            kvs = None
+            if cond_kv is not None:
+                kvs = (cond_kv.lang_k[:n_pairs], cond_kv.lang_v[:n_pairs], cond_kv.img_k, cond_kv.img_v)
+            h, pair_outs = jax.lax.scan(pair, h, (lang_state, img_state, kvs))
+            if capture:
+                outs.append(pair_outs.reshape(2 * n_pairs, *pair_outs.shape[2:]))
+        if cfg.depth % 2:
+            # Odd depth: one trailing language block outside the pairs.
+            last = layer_slice(self.lang_blocks, n_pairs, n_pairs + 1)
+            gd, st = nnx.split(last)
+            kv = None if cond_kv is None else (cond_kv.lang_k[n_pairs], cond_kv.lang_v[n_pairs])
+            h = nnx.merge(gd, jax.tree.map(lambda a: a[0], st))(h, lc, lang_mask, kv)
+            outs.append(h[None])
+        return h, (jnp.concatenate(outs, axis=0) if capture else None)

@@ -1,0 +1,117 @@
+"""``RDTRunner``: the user-facing API, named like the official ``RDTRunner`` so code ports directly.
+
+It owns an :class:`~rdt_jax.model.RDTPolicy` and exposes jitted ``model`` (the denoiser),
+``compute_loss`` and ``predict_action``. Randomness is explicit: pass ``rng`` (a JAX key) or the
+noise / timesteps themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rdt_jax.convert.pretrained_dir import read_config, read_params
+from rdt_jax.model.config import RDTConfig
+from rdt_jax.model.policy import RDTPolicy
+
+
+def abstract_policy(cfg: RDTConfig) -> RDTPolicy:
+    """The policy's structure with ShapeDtypeStruct leaves: no memory, no compute."""
+    return nnx.eval_shape(lambda: RDTPolicy(cfg, rngs=nnx.Rngs(0)))
+
+
+class RDTRunner:
+    def __init__(self, policy: RDTPolicy):
+        self.config: RDTConfig = policy.config
+        self.graphdef, self.state = nnx.split(policy)
+
+        def call(method: str, state, *args, **kwargs):
+            return getattr(nnx.merge(self.graphdef, state), method)(*args, **kwargs)
+
+        def denoise(state, *args, capture=False):
+            return nnx.merge(self.graphdef, state).model(*args, capture=capture)
+
+        self._denoise = jax.jit(denoise, static_argnames=("capture",))
+        self._loss = jax.jit(functools.partial(call, "compute_loss"))
+        self._sample = jax.jit(
+            functools.partial(call, "predict_action"), static_argnames=("num_steps", "cache_cond_kv", "capture")
+        )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: RDTConfig, *, seed: int = 0) -> RDTRunner:
+        """A randomly initialised model with the official initialisation."""
+        return cls(RDTPolicy(cfg, rngs=nnx.Rngs(seed)))
+
+    @property
+    def policy(self) -> RDTPolicy:
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def params(self) -> nnx.State:
+        return nnx.state(self.policy, nnx.Param)
+
+    def param_dict(self) -> dict[str, Any]:
+        return self.params.to_pure_dict()
+
+    # ------------------------------------------------------------------ API
+    def model(self, x, freq, t, lang_c, img_c, lang_mask=None, *, capture: bool = False):
+        """The RDT denoiser: ``x`` (B, horizon+1, D) -> (B, horizon, action_dim)."""
+        return self._denoise(self.state, x, freq, t, lang_c, img_c, lang_mask, capture=capture)
+
+    def compute_loss(
+        self, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_gt, action_mask, ctrl_freqs,
+        *, rng: jax.Array | None = None, noise: jax.Array | None = None, timesteps: jax.Array | None = None,
+    ) -> jax.Array:
+        """Diffusion training loss; ``noise``/``timesteps`` given are used as-is, missing ones drawn from ``rng``."""
+        if noise is None or timesteps is None:
+            if rng is None:
+                raise ValueError("compute_loss needs rng=jax.random.key(...) unless both noise and timesteps are given")
+            k_noise, k_t = jax.random.split(rng)
+            if noise is None:
+                noise = jax.random.normal(k_noise, jnp.shape(action_gt), jnp.float32).astype(
+                    jnp.asarray(action_gt).dtype
+                )
+            if timesteps is None:
+                timesteps = jax.random.randint(
+                    k_t, (jnp.shape(action_gt)[0],), 0, self.config.noise_scheduler.num_train_timesteps
+                )
+        return self._loss(self.state, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_gt,
+                          action_mask, ctrl_freqs, noise, timesteps)
+
+    def predict_action(
+        self, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_mask, ctrl_freqs,
+        *, rng: jax.Array | None = None, noise: jax.Array | None = None, num_steps: int | None = None,
+        cache_cond_kv: bool = True, capture: bool = False,
+    ):
+        """(B, horizon, action_dim) actions, zero where ``action_mask`` is 0; ``noise`` is the initial sample."""
+        if noise is None:
+            if rng is None:
+                raise ValueError("predict_action needs rng=jax.random.key(...) or an explicit initial noise")
+            b = jnp.shape(state_tokens)[0]
+            noise = jax.random.normal(rng, (b, self.config.pred_horizon, self.config.action_dim), jnp.float32)
+        return self._sample(self.state, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_mask,
+                            ctrl_freqs, noise, num_steps=num_steps, cache_cond_kv=cache_cond_kv, capture=capture)
+
+
+def load_pretrained(
+    path: str | pathlib.Path, dtype: Any = "float32", *, compute_dtype: Any | None = None, **config_overrides: Any
+) -> RDTRunner:
+    """Loads a directory written by ``convert_torch_weights.py`` (or exported by training).
+
+    ``dtype`` is the parameter dtype; computation runs in ``compute_dtype`` (default: ``dtype``).
+    """
+    param_dtype = jnp.dtype(dtype).name
+    cfg = read_config(path, param_dtype=param_dtype, dtype=jnp.dtype(compute_dtype or dtype).name,
+                      **config_overrides)
+    abstract = abstract_policy(cfg)
+    graphdef, abstract_state = nnx.split(abstract)
+    params_abstract = nnx.state(abstract, nnx.Param).to_pure_dict()
+    params = read_params(path, params_abstract)
+    nnx.replace_by_pure_dict(abstract_state, params)
+    return RDTRunner(nnx.merge(graphdef, abstract_state))
