@@ -36,7 +36,8 @@ def register_format(name: str):
 @register_format("hdf5")
 def hdf5_episodes(args: argparse.Namespace) -> EpisodeStates:
     robot = load_robot_config(args.robot)
-    src = HDF5Source(args.data_dir, robot, skip_bad_episodes=args.skip_bad, index_cache=args.index_cache)
+    src = HDF5Source(args.data_dir, robot, skip_bad_episodes=args.skip_bad, index_cache=args.index_cache,
+                     check_images=False, load_instructions=False)
     if src.report.skipped:
         logging.warning("skipped episodes: %s", {k: v for k, v in src.report.skipped.items()})
     return (args.dataset_name or robot.dataset_name), src.episode_states()

@@ -142,11 +142,14 @@ class HDF5Source:
         skip_bad_episodes: bool = False,
         index_cache: str | os.PathLike | None = None,
         check_images: bool = True,
+        load_instructions: bool = True,
     ):
+        """`check_images`/`load_instructions` = False for state-only use (statistics)."""
         self.robot = robot
         self.dataset_name = robot.dataset_name
         self.skip_bad_episodes = skip_bad_episodes
         self.check_images = check_images
+        self.load_instructions = load_instructions
         self.files = list(files) if files is not None else find_episode_files(data_dir)
         self._state_idx = action_space.indices_of(robot.state_names)
         self._action_idx = action_space.indices_of(robot.action_names)
@@ -166,7 +169,9 @@ class HDF5Source:
 
     # ------------------------------------------------------------------ scan
     def _fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.robot.to_json_dict(), sort_keys=True).encode()).hexdigest()
+        # Entries scanned without image checks must not satisfy a source that wants them.
+        blob = {"robot": self.robot.to_json_dict(), "check_images": self.check_images}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
     def _scan(self, index_cache: str | os.PathLike | None) -> list[EpisodeInfo]:
         cached: dict[str, Any] = {}
@@ -194,7 +199,8 @@ class HDF5Source:
                     entry = {"stat": key, "info": None, "skip": f"error: {e}"}
             entries[path] = entry
             if entry["info"] is not None:
-                self._load_instructions(path)
+                if self.load_instructions:
+                    self._load_instructions(path)
                 episodes.append(EpisodeInfo.from_json(entry["info"]))
             else:
                 self.report.add(entry["skip"].split(":")[0], path)
@@ -301,6 +307,8 @@ class HDF5Source:
         return e, int(rng.integers(ep.first_idx - 1, ep.num_steps))
 
     def _instruction(self, path: str, rng: np.random.Generator) -> tuple[str, str | None]:
+        if not self.load_instructions:
+            raise RuntimeError(f"{self.dataset_name}: source built with load_instructions=False cannot sample")
         content = self._instructions[os.path.dirname(path)]
         v = content[self.robot.instruction_keys[int(rng.integers(len(self.robot.instruction_keys)))]]
         text = v[int(rng.integers(len(v)))] if isinstance(v, list) else v

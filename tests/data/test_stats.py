@@ -1,0 +1,75 @@
+"""Dataset statistics (DATA.md §3) by hand, and the compute_stats.py CLI on ALOHA files."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from hdf5_episodes import make_qpos, write_episode, write_instructions
+
+from rdt_jax.data.stats import compute_dataset_stats
+
+SLOTS = [50, 51, 52, 53, 54, 55, 60, 0, 1, 2, 3, 4, 5, 10]
+STATE_DIV = np.array([1] * 6 + [4.7908] + [1] * 6 + [4.7888])
+
+
+def hand_stats(x: np.ndarray) -> dict:
+    n = x.shape[0]
+    out = {"mean": [], "std": []}
+    for j in range(x.shape[1]):
+        col = [float(v) for v in x[:, j]]
+        nz = [v for v in col if abs(v) > 1e-8]
+        n_nz = max(len(nz), 1)
+        sz, sz2 = sum(nz), sum(v * v for v in nz)
+        out["mean"].append(sum(col) / n)
+        out["std"].append(np.sqrt(max(sz2 / n_nz - (sz / n) ** 2 * (n / n_nz), 0.0)))
+    return out
+
+
+def test_nonzero_aware_std():
+    rng = np.random.default_rng(0)
+    a = np.zeros((10, 128))
+    a[:, 3] = rng.normal(size=10)
+    a[:, 4] = [0, 0, 1, 2, 3, 0, 5, 0, 0, 1]  # exact zeros enlarge the std
+    b = np.zeros((5, 128))
+    b[:, 3] = rng.normal(size=5)
+    b[:, 4] = [4, 0, 0, 0, 2]
+    got = compute_dataset_stats("d", [a, b])
+    want = hand_stats(np.concatenate([a, b]))
+    np.testing.assert_allclose(got["state_mean"], want["mean"], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got["state_std"], want["std"], rtol=1e-10, atol=1e-15)
+    x3 = np.concatenate([a, b])[:, 3]
+    assert abs(got["state_std"][3] - x3.std()) < 1e-12  # no zeros: the plain population std
+    assert got["state_std"][4] > np.concatenate([a, b])[:, 4].std()
+    assert got["state_min"][4] == 0 and got["state_max"][4] == 5 and got["state_std"][100] == 0
+    assert got["dataset_name"] == "d" and all(len(got[k]) == 128 for k in got if k != "dataset_name")
+
+
+def test_compute_stats_cli(tmp_path):
+    rng = np.random.default_rng(1)
+    qs = []
+    for i, (t, fm) in enumerate([(130, 4), (128, 1), (60, 2)]):  # the 60-step one is skipped (too short)
+        q = make_qpos(t, fm, rng, dtype=np.float64)
+        q[:, 2] = 0.0  # an exactly-zero joint
+        write_episode(tmp_path / "d" / f"e{i}.hdf5", q, q, layout="raw")
+        qs.append(q)
+    write_instructions(tmp_path / "d")
+    out = tmp_path / "stat.json"
+    out.write_text(json.dumps({"other": {"dataset_name": "other", **{k: [0.0] * 128 for k in
+                                ("state_mean", "state_std", "state_min", "state_max")}}}))
+    r = subprocess.run([sys.executable, "scripts/compute_stats.py", "--format", "hdf5", "--data-dir",
+                        str(tmp_path / "d"), "--output", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(out.read_text())
+    assert set(stats) == {"other", "agilex"}
+    # by hand: states from first_idx − 1 on, gripper-divided, into the official slots
+    rows = []
+    for q in qs[:2]:
+        fi = next(t for t in range(len(q)) if np.max(np.abs(q[t] - q[0])) > 0.01)
+        s = np.zeros((len(q) - fi + 1, 128))
+        s[:, SLOTS] = q[fi - 1:] / STATE_DIV
+        rows.append(s)
+    want = hand_stats(np.concatenate(rows))
+    np.testing.assert_allclose(stats["agilex"]["state_mean"], want["mean"], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(stats["agilex"]["state_std"], want["std"], rtol=1e-8, atol=1e-14)
+    assert stats["agilex"]["state_std"][52] == 0.0  # column 2 → slot 52, all zeros
