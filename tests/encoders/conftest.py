@@ -53,13 +53,9 @@ def hf_factory(tmp_path_factory):
                     vocab_size=40,
                     max_position_embeddings=8,
                 )
-                model = transformers.SiglipModel(
-                    transformers.SiglipConfig(text_config=text, vision_config=dict(cfg))
-                )
+                model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=dict(cfg)))
             elif kind == "t5_encoder":
-                model = transformers.T5EncoderModel(
-                    transformers.T5Config(feed_forward_proj="gated-gelu", **cfg)
-                )
+                model = transformers.T5EncoderModel(transformers.T5Config(feed_forward_proj="gated-gelu", **cfg))
             elif kind == "t5_full":
                 model = transformers.T5ForConditionalGeneration(
                     transformers.T5Config(feed_forward_proj="gated-gelu", tie_word_embeddings=False, **cfg)

@@ -55,11 +55,7 @@ def test_parity_float32(hf_factory, errs, name):
     rel_err, max_rel_err = errs
     model, path = hf_factory("siglip_vision", **CONFIGS[name])
     cfg = CONFIGS[name]
-    x = (
-        np.random.default_rng(1)
-        .uniform(-1, 1, (3, 3, cfg["image_size"], cfg["image_size"]))
-        .astype(np.float32)
-    )
+    x = np.random.default_rng(1).uniform(-1, 1, (3, 3, cfg["image_size"], cfg["image_size"])).astype(np.float32)
     ref = _ref(model, x)
     tower = load_siglip(path)
     out = _forward(tower, x)

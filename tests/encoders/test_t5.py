@@ -104,9 +104,7 @@ def test_full_t5_checkpoint_and_bin_format(hf_factory, errs, tmp_path):
     model, path = hf_factory("t5_full", **cfg)
     ids, mask = _batch(cfg["vocab_size"], [20, 11], seed=2)
     with torch.no_grad():
-        ref = model.encoder(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64))
-        )
+        ref = model.encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64)))
     ref = ref.last_hidden_state.numpy()
     assert rel_err(_forward(load_t5(path), ids, mask), ref) <= 1e-5
 
@@ -114,9 +112,7 @@ def test_full_t5_checkpoint_and_bin_format(hf_factory, errs, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "config.json").write_text((path / "config.json").read_text())
-    torch.save(
-        {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, bin_dir / "pytorch_model.bin"
-    )
+    torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, bin_dir / "pytorch_model.bin")
     enc = load_t5(bin_dir, dtype=jnp.bfloat16)
     assert rel_err(_forward(enc, ids, mask), ref) <= 2e-2
 

@@ -1,0 +1,121 @@
+"""Pre-encode language instructions with T5-v1.1-XXL (JAX) into embedding files.
+
+One instruction::
+
+    python scripts/encode_lang.py --t5-dir ckpts/t5-v1_1-xxl --instruction "pick up the cup" \
+        --out-dir out --name pick_cup
+
+A file of many (one instruction per line, blank lines skipped; or a JSON list of strings),
+batched, with a progress bar; files are named ``lang_embed_<i>`` (line order) as RDT's
+``encode_lang_batch.py`` does::
+
+    python scripts/encode_lang.py --t5-dir ckpts/t5-v1_1-xxl --instructions-file tasks.txt --out-dir out
+
+Each instruction gets its unpadded ``(L, 4096)`` embedding (EOS included), written in the
+official ``.pt`` layout and/or our ``.safetensors`` layout (``--formats``; see
+``rdt_jax.encoders.lang_embeddings``). Sequences are padded to a multiple of ``--pad-multiple``
+(masked) so the jitted encoder compiles for few lengths; real-token outputs do not depend on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import tyro
+from tqdm import tqdm
+
+from rdt_jax.encoders import load_t5
+from rdt_jax.encoders.lang_embeddings import save_lang_embedding_pt, save_lang_embedding_safetensors
+from rdt_jax.encoders.tokenizer import load_t5_tokenizer, tokenize
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    t5_dir: pathlib.Path
+    """Hugging Face directory of google/t5-v1_1-xxl (config.json + weights)."""
+    out_dir: pathlib.Path
+    instruction: str | None = None
+    """A single instruction (use with --name)."""
+    name: str = "lang_embed"
+    """File stem for --instruction."""
+    instructions_file: pathlib.Path | None = None
+    """Text file, one instruction per line (or a .json list of strings)."""
+    tokenizer_dir: pathlib.Path | None = None
+    """Defaults to --t5-dir."""
+    formats: tuple[Literal["pt", "safetensors"], ...] = ("pt", "safetensors")
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Compute and weight dtype (RDT uses bfloat16)."""
+    batch_size: int = 8
+    pad_multiple: int = 16
+    fsdp: int = 1
+    """Shard the T5 weights over this many devices (FSDP); 1 = default device."""
+
+
+def read_instructions(path: pathlib.Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        items = json.loads(text)
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError(f"{path}: expected a JSON list of strings")
+        return items
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def encode(args: Args) -> list[pathlib.Path]:
+    if (args.instruction is None) == (args.instructions_file is None):
+        raise ValueError("give exactly one of --instruction and --instructions-file")
+    if args.instruction is not None:
+        texts, stems = [args.instruction], [args.name]
+    else:
+        texts = read_instructions(args.instructions_file)
+        stems = [f"lang_embed_{i}" for i in range(len(texts))]
+    dtype = jnp.dtype(args.dtype)
+    mesh = None
+    if args.fsdp > 1:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[: args.fsdp]), ("fsdp",))
+    tokenizer = load_t5_tokenizer(args.tokenizer_dir or args.t5_dir)
+    encoder = load_t5(args.t5_dir, dtype=dtype, mesh=mesh)
+    run = jax.jit(lambda enc, ids, mask: enc(ids, mask))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[pathlib.Path] = []
+    with tqdm(total=len(texts), desc="encoding", unit="instr", disable=len(texts) == 1) as bar:
+        for start in range(0, len(texts), args.batch_size):
+            batch = texts[start : start + args.batch_size]
+            ids, mask = tokenize(tokenizer, batch, pad_to_multiple_of=args.pad_multiple)
+            # Pad the batch dimension too, so the last partial batch reuses the compiled shape.
+            n = len(batch)
+            if args.instructions_file is not None and n < args.batch_size:
+                ids = np.pad(ids, ((0, args.batch_size - n), (0, 0)))
+                mask = np.pad(mask, ((0, args.batch_size - n), (0, 0)))
+            out = np.asarray(run(encoder, jnp.asarray(ids), jnp.asarray(mask)).astype(jnp.float32))
+            for i, text in enumerate(batch):
+                emb = out[i, : int(mask[i].sum())]
+                stem = args.out_dir / stems[start + i]
+                if "pt" in args.formats:
+                    save_lang_embedding_pt(stem.with_suffix(".pt"), emb, bfloat16=args.dtype == "bfloat16")
+                    written.append(stem.with_suffix(".pt"))
+                if "safetensors" in args.formats:
+                    st_dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
+                    save_lang_embedding_safetensors(stem.with_suffix(".safetensors"), emb, text, dtype=st_dtype)
+                    written.append(stem.with_suffix(".safetensors"))
+            bar.update(n)
+    return written
+
+
+def main(argv: list[str] | None = None) -> list[pathlib.Path]:
+    args = tyro.cli(Args, args=argv)
+    written = encode(args)
+    print(f"wrote {len(written)} files to {args.out_dir}", file=sys.stderr)
+    return written
+
+
+if __name__ == "__main__":
+    main()
