@@ -174,7 +174,7 @@ class Instruction:
         else:
             v = first_step_value
             text = v.decode("utf-8") if isinstance(v, bytes | np.bytes_) else str(v)
-        if self.clean:
+        if self.clean and self.kind != "constant":  # the scripts write constants verbatim
             for old, new in (*DEFAULT_REPLACEMENTS, *self.extra_replacements):
                 text = re.sub(old, new, text)
             text = text.strip()

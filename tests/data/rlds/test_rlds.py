@@ -1,0 +1,427 @@
+"""RLDS / Open X-Embodiment: every registered dataset, converted and read back.
+
+Expected unified vectors are written here by hand from DATA.md §1 slot numbers and the
+official per-dataset preprocess scripts, with scipy for rotations — not with the code under
+test. Cameras / frequencies come from the official JSON files in ../shared.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from rdt_jax.data.rlds.registry import NON_RLDS_DATASETS, REGISTRY, get_spec
+from rdt_jax.data.rlds.source import RldsSource, StepIndex
+
+LONG = 40  # steps of the used episode of every tiny dataset (conftest.py)
+
+# --- independent expected mappings -----------------------------------------------------------
+
+
+def q6(q: np.ndarray) -> np.ndarray:
+    m = Rotation.from_quat(q.astype(np.float64)).as_matrix()  # scipy: (x, y, z, w)
+    return np.concatenate([m[:, :, 0], m[:, :, 1]], axis=1)
+
+
+def e6(e: np.ndarray) -> np.ndarray:
+    m = Rotation.from_euler("xyz", e.astype(np.float64)).as_matrix()  # extrinsic roll, pitch, yaw
+    return np.concatenate([m[:, :, 0], m[:, :, 1]], axis=1)
+
+
+def m4(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m = v.astype(np.float64).reshape(-1, 4, 4).transpose(0, 2, 1)  # column-major storage
+    return m[:, :3, 3], np.concatenate([m[:, :3, 0], m[:, :3, 1]], axis=1)
+
+
+def prev(x: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.zeros_like(x[:1]), x[:-1]])
+
+
+def blk(start: int, x: np.ndarray) -> dict[int, np.ndarray]:
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    return {start + k: x[:, k] for k in range(x.shape[1])}
+
+
+def g(x: np.ndarray) -> np.ndarray:  # a scalar / 1-vector feature as (T,)
+    return np.asarray(x, np.float64).reshape(len(x))
+
+
+def pq(x: np.ndarray) -> dict[int, np.ndarray]:  # xyz + quaternion at 0..6
+    return {**blk(30, x[:, :3]), **blk(33, q6(x[:, 3:7]))}
+
+
+def pe(x: np.ndarray, pos=(0, 1, 2), eul=(3, 4, 5), s: float = 1.0, p: int = 30, a: int = 33):
+    return {**blk(p, s * x[:, list(pos)]), **blk(a, e6(x[:, list(eul)]))}
+
+
+def mat(x: np.ndarray) -> dict[int, np.ndarray]:
+    pos, rot = m4(x)
+    return {**blk(30, pos), **blk(33, rot)}
+
+
+o = lambda s, k: s["observation/" + k]
+EXPECTED = {
+    "fractal20220817_data": lambda s: {
+        **pq(o(s, "base_pose_tool_reached")),
+        10: 1 - g(o(s, "gripper_closed")),
+        **blk(100, prev(3 * s["action/base_displacement_vector"])),
+        102: prev(3 * g(s["action/base_displacement_vertical_rotation"])),
+    },
+    "jaco_play": lambda s: {
+        **blk(0, o(s, "joint_pos")[:, :6]),
+        **blk(10, o(s, "joint_pos")[:, 6:8]),
+        **pq(o(s, "end_effector_cartesian_pos")),
+        **blk(39, o(s, "end_effector_cartesian_velocity")[:, :3]),
+    },
+    "taco_play": lambda s: {
+        **blk(0, o(s, "robot_obs")[:, 7:14]),
+        10: 12.3843 * o(s, "robot_obs")[:, 6],
+        **pe(o(s, "robot_obs")),
+    },
+    "berkeley_cable_routing": lambda s: pq(o(s, "robot_state")),
+    "viola": lambda s: {
+        **blk(0, o(s, "joint_states")),
+        10: 12.905 * g(o(s, "gripper_states")),
+        **mat(o(s, "ee_states")),
+    },
+    "berkeley_autolab_ur5": lambda s: {
+        **blk(0, o(s, "robot_state")[:, :6]),
+        10: 1 - o(s, "robot_state")[:, 13],
+        **pq(o(s, "robot_state")[:, 6:13]),
+    },
+    "toto": lambda s: blk(0, o(s, "state")),
+    "nyu_door_opening_surprising_effectiveness": lambda s: {
+        **blk(39, prev(3 * s["action/world_vector"])),
+        **blk(42, prev(3 * s["action/rotation_delta"])),
+        10: prev(1 - g(s["action/gripper_closedness_action"])),
+    },
+    "columbia_cairlab_pusht_real": lambda s: blk(30, o(s, "robot_state")),
+    "stanford_kuka_multimodal_dataset_converted_externally_to_rlds": lambda s: {
+        **blk(0, o(s, "joint_pos")),
+        10: o(s, "state")[:, 7],
+        **blk(15, o(s, "joint_vel")),
+        **blk(30, o(s, "ee_position")),
+        **blk(33, q6(o(s, "ee_orientation"))),
+        **blk(39, o(s, "ee_vel")),
+        **blk(42, o(s, "ee_orientation_vel")),
+    },
+    "austin_buds_dataset_converted_externally_to_rlds": lambda s: {
+        **blk(0, o(s, "state")[:, :7]),
+        10: 12.5 * o(s, "state")[:, 7],
+        **mat(o(s, "state")[:, 8:24]),
+    },
+    "kuka": lambda s: {
+        **pq(o(s, "clip_function_input/base_pose_tool_reached")),
+        10: 1 - g(o(s, "gripper_closed")),
+        **blk(100, prev(s["action/base_displacement_vector"])),
+        102: prev(g(s["action/base_displacement_vertical_rotation"])),
+    },
+    "utokyo_xarm_bimanual_converted_externally_to_rlds": lambda s: {
+        **pe(o(s, "action_l"), eul=(5, 4, 3), p=80, a=83),
+        60: 1 - o(s, "action_l")[:, 6],
+        **pe(o(s, "action_r"), eul=(5, 4, 3)),
+        10: 1 - o(s, "action_r")[:, 6],
+    },
+    "stanford_hydra_dataset_converted_externally_to_rlds": lambda s: {
+        **blk(0, o(s, "state")[:, 10:17]),
+        10: 12.324 * o(s, "state")[:, 24],
+        **blk(11, o(s, "state")[:, 25:27]),
+        **blk(15, o(s, "state")[:, 17:24]),
+        **pe(o(s, "state"), eul=(7, 8, 9)),
+    },
+    "maniskill_dataset_converted_externally_to_rlds": lambda s: {
+        **blk(0, o(s, "state")[:, :7]),
+        **blk(10, 25 * o(s, "state")[:, 7:9]),
+    },
+    "ucsd_kitchen_dataset_converted_externally_to_rlds": lambda s: {
+        **blk(0, o(s, "state")[:, :7]),
+        **blk(15, o(s, "state")[:, 7:14]),
+    },
+    "ucsd_pick_and_place_dataset_converted_externally_to_rlds": lambda s: {
+        **pe(o(s, "state"), s=0.1),
+        10: o(s, "state")[:, 6] / 6.03,
+    },
+    "austin_sailor_dataset_converted_externally_to_rlds": lambda s: {
+        **blk(0, o(s, "state_joint")),
+        10: 12.85 * o(s, "state")[:, 7],
+        **pq(o(s, "state")),
+    },
+    "austin_sirius_dataset_converted_externally_to_rlds": lambda s: {
+        **blk(0, o(s, "state")[:, :7]),
+        10: 12.55 * o(s, "state")[:, 7],
+        **mat(o(s, "state_ee")),
+    },
+    "bc_z": lambda s: {
+        **blk(30, o(s, "present/xyz")),
+        **blk(33, e6(o(s, "present/axis_angle"))),
+        10: 1 - g(o(s, "present/sensed_close")),
+    },
+    "utokyo_pr2_opening_fridge_converted_externally_to_rlds": lambda s: {
+        **pe(o(s, "state"), s=1e-3),
+        10: o(s, "state")[:, 6] / 1000 * 11.54,
+    },
+    "utokyo_pr2_tabletop_manipulation_converted_externally_to_rlds": lambda s: {
+        **pe(o(s, "state"), s=1e-3),
+        10: o(s, "state")[:, 6] / 86.12126922607422,
+    },
+    "utokyo_xarm_pick_and_place_converted_externally_to_rlds": lambda s: {
+        **blk(0, o(s, "joint_state")[:, :7]),
+        **pe(o(s, "end_effector_pose"), eul=(5, 4, 3)),
+    },
+    "berkeley_mvp_converted_externally_to_rlds": lambda s: {
+        **blk(0, o(s, "joint_pos")),
+        **pq(o(s, "pose")),
+        10: 1 - g(o(s, "gripper")),
+    },
+    "berkeley_rpt_converted_externally_to_rlds": lambda s: {**blk(0, o(s, "joint_pos")), 10: 1 - g(o(s, "gripper"))},
+    "kaist_nonprehensile_converted_externally_to_rlds": lambda s: {
+        **blk(0, o(s, "state")[:, 0:14:2]),
+        **blk(15, o(s, "state")[:, 1:14:2]),
+        **pq(o(s, "state")[:, 14:21]),
+    },
+    "tokyo_u_lsmo_converted_externally_to_rlds": lambda s: {
+        **blk(0, o(s, "state")[:, 6:12]),
+        10: 1 - o(s, "state")[:, 12],
+        **pe(o(s, "state")),
+    },
+    "dlr_sara_grid_clamp_converted_externally_to_rlds": lambda s: pe(o(s, "state"), eul=(4, 5, 3)),
+    "stanford_robocook_converted_externally_to_rlds": lambda s: {10: 13.03 * o(s, "state")[:, 6], **pe(o(s, "state"))},
+    "imperialcollege_sawyer_wrist_cam": lambda s: {
+        **blk(39, prev(10 * s["action"][:, :3])),
+        **blk(42, prev(10 * s["action"][:, 3:6])),
+        10: prev(1 - s["action"][:, 6]),
+    },
+    "iamlab_cmu_pickup_insert_converted_externally_to_rlds": lambda s: {
+        **blk(0, o(s, "state")[:, :7]),
+        10: o(s, "state")[:, 7],
+    },
+    "utaustin_mutex": lambda s: {
+        **blk(0, o(s, "state")[:, :7]),
+        10: 13.21 * o(s, "state")[:, 7],
+        **mat(o(s, "state")[:, 8:24]),
+    },
+    "berkeley_fanuc_manipulation": lambda s: {
+        **blk(0, o(s, "state")[:, :6]),
+        10: 1 - o(s, "state")[:, 6],
+        **pq(o(s, "end_effector_state")),
+    },
+    "cmu_play_fusion": lambda s: {**blk(0, o(s, "state")[:, :7]), 10: 11.765 * o(s, "state")[:, 7]},
+    "language_table": lambda s: blk(30, o(s, "effector_translation")),
+    "furniture_bench_dataset_converted_externally_to_rlds": lambda s: {
+        **blk(0, o(s, "state")[:, 13:20]),
+        10: 12.507 * o(s, "state")[:, 34],
+        **blk(15, o(s, "state")[:, 20:27]),
+        **pq(o(s, "state")),
+        **blk(39, o(s, "state")[:, 7:10]),
+        **blk(42, o(s, "state")[:, 10:13]),
+    },
+    "droid": lambda s: {
+        **blk(0, o(s, "joint_position")),
+        10: 1 - g(o(s, "gripper_position")),
+        **pe(o(s, "cartesian_position")),
+    },
+    "fmb": lambda s: {
+        **blk(0, o(s, "joint_pos")),
+        **blk(15, o(s, "joint_vel")),
+        10: 1 - g(o(s, "state_gripper_pose")),
+        **pq(o(s, "eef_pose")),
+        **blk(39, o(s, "eef_vel")[:, :3]),
+        **blk(42, o(s, "eef_vel")[:, 3:]),
+    },
+    "dobbe": lambda s: {10: g(o(s, "gripper")), **blk(30, np.clip(o(s, "xyz"), -10, 10)), **blk(33, e6(o(s, "rot")))},
+    "qut_dexterous_manpulation": lambda s: {
+        **blk(10, 24.707 * o(s, "state")[:, 14:16]),
+        **pq(o(s, "state")),
+        **blk(0, o(s, "state")[:, 7:14]),
+        **blk(15, o(s, "state")[:, 16:23]),
+    },
+}
+CONSTANT_INSTRUCTION = {
+    "berkeley_cable_routing": "Route cable through the tight-fitting clip mounted on the table.",
+    "nyu_door_opening_surprising_effectiveness": "Open the cabinet door.",
+    "dlr_sara_grid_clamp_converted_externally_to_rlds": "Place the grid clamp on the table, aligning the "
+    "protrusion on its bottom with the slots on the table.",
+}
+DATASETS = sorted(EXPECTED)
+
+
+def expected_states(name: str, steps: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    slots = EXPECTED[name](steps)
+    t = len(next(iter(steps.values())))
+    vec = np.zeros((t, 128))
+    mask = np.zeros(128)
+    for i, v in slots.items():
+        vec[:, i] = v
+        mask[i] = 1
+    return vec, mask
+
+
+@pytest.fixture(scope="module")
+def official(shared_dir):
+    d = shared_dir / "reference" / "data"
+    return {
+        k: json.loads((d / f"{k}.json").read_text())
+        for k in ("pretrain_datasets", "dataset_img_keys", "dataset_control_freq", "dataset_stat")
+    }
+
+
+# --- registry-level checks -------------------------------------------------------------------
+
+
+def test_registry_covers_every_pretraining_dataset(official):
+    names = official["pretrain_datasets"]
+    assert set(REGISTRY) | set(NON_RLDS_DATASETS) == set(names)
+    assert set(REGISTRY) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_registry_matches_official_tables(name, official):
+    spec = get_spec(name)
+    keys = official["dataset_img_keys"][name]
+    cams = tuple(k if m else None for k, m in zip(keys["image_keys"][:3], keys["image_mask"][:3], strict=True))
+    assert spec.cameras == cams
+    assert spec.ctrl_freq == official["dataset_control_freq"][name]
+    # Every slot with non-zero std in the official statistics must be a mapped slot.
+    std = np.asarray(official["dataset_stat"][name]["state_std"])
+    assert set(np.flatnonzero(std)) <= set(np.flatnonzero(spec.mask()))
+
+
+def test_unknown_dataset_name_is_a_clear_error():
+    with pytest.raises(KeyError, match=r"unknown RLDS dataset 'fractal2022'.*fractal20220817_data"):
+        get_spec("fractal2022")
+    with pytest.raises(KeyError, match="'calvin' is not an RLDS"):
+        get_spec("calvin")
+
+
+# --- converted datasets read back --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_dataset_read_back(name, tiny_datasets, official):
+    ds = tiny_datasets[name]
+    src = RldsSource(ds.dir, name)
+    # Only the 40-step episode is used: the 5-step one is too short, a filtered one rejected.
+    assert len(src) == LONG
+    assert src.index.kept.tolist() == [True, False] + ([False] if len(ds.episodes) == 3 else [])
+    steps = ds.episodes[0]
+    vec, mask = expected_states(name, steps)
+    keys = official["dataset_img_keys"][name]
+    rng = np.random.default_rng(0)
+    for t in (0, 1, 17, LONG - 1):
+        s = src.get(t, rng)
+        assert (s.dataset_name, s.step_id) == (name, t)
+        np.testing.assert_allclose(s.state, vec[t : t + 1], rtol=1e-5, atol=1e-6)
+        fut = np.concatenate([vec[t + 1 : t + 65], np.repeat(vec[-1:], max(0, 64 - (LONG - 1 - t)), axis=0)])[:64]
+        np.testing.assert_allclose(s.actions, fut, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(s.state_elem_mask, mask)
+        np.testing.assert_allclose(s.state_std, vec.std(axis=0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(s.state_mean, vec.mean(axis=0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(s.state_norm, np.sqrt((vec**2).mean(axis=0)), rtol=1e-4, atol=1e-6)
+        assert s.ctrl_freq == official["dataset_control_freq"][name]
+        want = CONSTANT_INSTRUCTION.get(name, ds.expected_instruction)
+        assert s.instruction == want
+        for c in range(3):
+            if not keys["image_mask"][c]:
+                assert s.frames[c].size == 0 and not s.frame_masks[c].any()
+                continue
+            imgs = steps["observation/" + keys["image_keys"][c]]
+            expect = np.stack([imgs[max(t - 1, 0)], imgs[t]])
+            if name == "fmb":  # stored BGR, returned RGB
+                expect = expect[..., ::-1]
+            np.testing.assert_array_equal(s.frames[c], expect)
+            assert s.frame_masks[c].tolist() == [t > 0, True]
+        s.validate()
+
+
+def test_long_episode_entries_draw_uniform_steps(tiny_datasets):
+    ds = tiny_datasets["toto"]
+    src = RldsSource(ds.dir, "toto")
+    # Pretend the cap is 10 steps: the 40-step episode gets 10 entries, each a uniform step.
+    idx = src.index
+    capped = StepIndex(
+        idx.dataset_name,
+        idx.lengths,
+        idx.kept,
+        idx.dropped_by_filter,
+        idx.dropped_short,
+        idx.thresh_low,
+        thresh_high=10,
+    )
+    src.index = capped
+    src._starts = np.concatenate([[0], np.cumsum(capped.entries_per_record)])
+    assert len(src) == 10
+    rng = np.random.default_rng(1)
+    steps = [src.locate(i, rng)[1] for i in range(4000)]
+    counts = np.bincount(steps, minlength=LONG)
+    assert counts.min() > 50 and counts.max() < 160  # ~100 each
+
+
+def test_missing_index_and_unconverted_dir_are_clear_errors(tiny_datasets, tmp_path):
+    ds = tiny_datasets["toto"]
+    with pytest.raises(ValueError, match=r"not ArrayRecord.*convert_rlds"):
+        RldsSource(ds.tfrecord_dir, "toto")
+    import shutil
+
+    copy = tmp_path / "toto"
+    shutil.copytree(ds.dir, copy)
+    (copy / "rdt_step_index.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="no step index"):
+        RldsSource(copy, "toto")
+    with pytest.raises(KeyError, match="unknown RLDS dataset"):
+        RldsSource(ds.dir, "totoo")
+
+
+def test_wrong_feature_shape_names_dataset_and_key(tiny_datasets):
+    from dataclasses import replace
+
+    from rdt_jax.data.rlds.spec import Part
+
+    ds = tiny_datasets["toto"]
+    src = RldsSource(ds.dir, "toto")
+    src.spec = replace(src.spec, parts=(Part("observation/state", "arm_joint_{0..7}_pos"),))
+    with pytest.raises(ValueError, match=r"toto.*'observation/state' has 7 values per step.*expects 8"):
+        src.get(0, np.random.default_rng(0))
+    src.spec = replace(src.spec, parts=(Part("observation/joints", "arm_joint_{0..6}_pos"),))
+    src._cache.clear()
+    with pytest.raises(KeyError, match=r"toto needs step feature 'observation/joints'"):
+        src.get(0, np.random.default_rng(0))
+
+
+def test_reader_never_imports_tensorflow(tiny_datasets):
+    ds = tiny_datasets["droid"]
+    code = textwrap.dedent(f"""
+        import sys, numpy as np
+        from rdt_jax.data.rlds.source import RldsSource
+        s = RldsSource({str(ds.dir)!r}, "droid").get(3, np.random.default_rng(0))
+        assert s.frames[0].shape == (2, 4, 5, 3), s.frames[0].shape
+        bad = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow."))
+        assert not bad, bad
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_compute_stats_rlds_format(tiny_datasets, tmp_path):
+    import importlib.util
+    import pathlib
+
+    script = pathlib.Path(__file__).resolve().parents[3] / "scripts" / "compute_stats.py"
+    spec = importlib.util.spec_from_file_location("compute_stats", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ds = tiny_datasets["jaco_play"]
+    out = tmp_path / "stat.json"
+    assert mod.main(["--format", "rlds", "--data-dir", str(ds.dir), "--output", str(out)]) == 0
+    got = json.loads(out.read_text())["jaco_play"]
+    vec, _ = expected_states("jaco_play", ds.episodes[0])  # the only kept episode
+    np.testing.assert_allclose(got["state_mean"], vec.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["state_max"], vec.max(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["state_min"], vec.min(axis=0), rtol=1e-5, atol=1e-6)
