@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from rdt_jax.data.rlds.convert import convert_to_array_record, write_step_index
 
