@@ -22,6 +22,7 @@ and each failure raises :class:`CheckpointMismatchError` naming the file, the ke
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import re
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -40,7 +42,7 @@ __all__ = [
     "TensorInfo",
     "import_params",
     "logical_sharding",
-    "make_placer",
+    "make_sharding_fn",
     "read_config",
     "read_safetensors",
 ]
@@ -128,9 +130,7 @@ def read_safetensors(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], d
         if info["dtype"] not in _ST_DTYPES:
             raise CheckpointMismatchError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
-        out[key] = (
-            raw[start + begin : start + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"]).copy()
-        )
+        out[key] = raw[start + begin : start + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"]).copy()
     return out, dict(metadata)
 
 
@@ -160,9 +160,7 @@ class CheckpointReader:
                     if key == "__metadata__":
                         continue
                     if info["dtype"] not in _ST_DTYPES:
-                        raise CheckpointMismatchError(
-                            f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}"
-                        )
+                        raise CheckpointMismatchError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
                     self._add(key, TensorInfo(tuple(info["shape"]), info["dtype"], path))
                     begin, end = info["data_offsets"]
                     self._st_offsets[key] = (start, begin, end)
@@ -179,9 +177,7 @@ class CheckpointReader:
 
     def _add(self, key: str, info: TensorInfo) -> None:
         if key in self.entries:
-            raise CheckpointMismatchError(
-                f"{info.file}: key {key!r} also present in {self.entries[key].file}"
-            )
+            raise CheckpointMismatchError(f"{info.file}: key {key!r} also present in {self.entries[key].file}")
         self.entries[key] = info
 
     def keys(self) -> list[str]:
@@ -200,8 +196,7 @@ class CheckpointReader:
         expected = int(np.prod(info.shape, dtype=np.int64)) * dtype.itemsize
         if end - begin != expected:
             raise CheckpointMismatchError(
-                f"{info.file}: tensor {key!r} has {end - begin} bytes, "
-                f"expected {expected} for shape {info.shape}"
+                f"{info.file}: tensor {key!r} has {end - begin} bytes, expected {expected} for shape {info.shape}"
             )
         return mm[start + begin : start + end].view(dtype).reshape(info.shape)
 
@@ -286,13 +281,13 @@ def import_params(
     sources: Iterable[ParamSource],
     *,
     ignore: Sequence[str] = (),
-    place: Callable[[np.ndarray, nnx.Variable], jax.Array] | None = None,
+    sharding_for: Callable[[nnx.Variable], jax.sharding.Sharding | None] | None = None,
 ) -> nnx.State:
     """Fill ``abstract_state`` (from ``nnx.eval_shape``) from the checkpoint, strictly.
 
     ``ignore`` holds regular expressions (``re.fullmatch``) for checkpoint keys that are known and
-    deliberately unused (e.g. the T5 decoder in a full T5 checkpoint). ``place`` puts the
-    assembled host array on devices (default: ``jax.device_put`` on the default device).
+    deliberately unused (e.g. the T5 decoder in a full T5 checkpoint). ``sharding_for`` gives
+    each parameter's sharding (default: None = the default device).
     """
     sources = list(sources)
     leaves = _state_leaves(abstract_state)
@@ -304,8 +299,7 @@ def import_params(
     extra_rules = sorted(set(by_path) - set(leaves))
     if missing_rules or extra_rules:
         raise CheckpointMismatchError(
-            f"internal mapping error: params without a source {missing_rules}, "
-            f"sources without a param {extra_rules}"
+            f"internal mapping error: params without a source {missing_rules}, sources without a param {extra_rules}"
         )
 
     for path, src in by_path.items():
@@ -317,9 +311,7 @@ def import_params(
         want = var.shape[1:] if src.stacked else var.shape
         got = src.transform(np.empty(src.hf_shape, np.int8)).shape
         if got != want:
-            raise CheckpointMismatchError(
-                f"internal mapping error: {path} expects {want}, transform gives {got}"
-            )
+            raise CheckpointMismatchError(f"internal mapping error: {path} expects {want}, transform gives {got}")
 
     # 2. Resolve every key (alternatives: first present) and check presence and shapes before reading.
     resolved: dict[tuple[str, ...], list[str]] = {}
@@ -330,9 +322,7 @@ def import_params(
         for alts in src.keys:
             found = [k for k in alts if k in reader.entries]
             if not found:
-                problems.append(
-                    f"missing key {alts[0]!r}" + (f" (or {list(alts[1:])})" if len(alts) > 1 else "")
-                )
+                problems.append(f"missing key {alts[0]!r}" + (f" (or {list(alts[1:])})" if len(alts) > 1 else ""))
                 continue
             names.append(found[0])
             consumed.update(found)  # a tied duplicate stored under both names counts as used
@@ -343,46 +333,51 @@ def import_params(
                         f"{reader.entries[k].file.name}: key {k!r} has shape {shape}, expected {src.hf_shape}"
                     )
         resolved[src.path] = names
-    unexpected = [
-        k for k in reader.entries if k not in consumed and not any(re.fullmatch(p, k) for p in ignore)
-    ]
+    unexpected = [k for k in reader.entries if k not in consumed and not any(re.fullmatch(p, k) for p in ignore)]
     for k in sorted(unexpected):
-        problems.append(
-            f"{reader.entries[k].file.name}: unexpected key {k!r} with shape {reader.entries[k].shape}"
-        )
+        problems.append(f"{reader.entries[k].file.name}: unexpected key {k!r} with shape {reader.entries[k].shape}")
     if problems:
-        shown = "\n  ".join(problems[:50]) + (
-            f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        )
+        shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
         raise CheckpointMismatchError(f"{where}: checkpoint does not match the model:\n  {shown}")
 
-    # 3. Stream: assemble each parameter on the host in its target dtype, place it, drop the buffer.
-    place = place or (lambda arr, var: jax.device_put(arr))
+    # 3. Stream tensor by tensor. A stacked parameter is allocated once on its devices and filled
+    #    one layer at a time (donated in-place update), so the host never holds more than one
+    #    layer's slice and the devices never hold two copies of a parameter.
+    shard = sharding_for or (lambda var: None)
     out: list[tuple[tuple[str, ...], nnx.Variable]] = []
     for path, var in leaves.items():
         src = by_path[path]
         dtype = np.dtype(var.dtype)
-        buf = np.empty(var.shape, dtype)
         keys = resolved[path]
+        sharding = shard(var)
         if src.stacked:
+            value = _zeros(tuple(var.shape), dtype, sharding)
             for i, k in enumerate(keys):
-                buf[i] = src.transform(reader.read(k)).astype(dtype, copy=False)
+                host = np.ascontiguousarray(src.transform(reader.read(k)).astype(dtype, copy=False))
+                value = _set_layer(value, host, np.int32(i))
         else:
-            buf[...] = src.transform(reader.read(keys[0])).astype(dtype, copy=False)
-        out.append((path, var.replace(place(buf, var))))
-        del buf
+            host = np.ascontiguousarray(src.transform(reader.read(keys[0])).astype(dtype, copy=False))
+            value = jax.device_put(host, sharding)
+        del host
+        out.append((path, var.replace(value)))
     return nnx.from_flat_state(out)
 
 
-def make_placer(
+def _zeros(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    if sharding is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(buf: jax.Array, layer: jax.Array, i: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(buf, layer.astype(buf.dtype), i, 0)
+
+
+def make_sharding_fn(
     mesh: jax.sharding.Mesh | None, rules: Mapping[str, Any]
-) -> Callable[[np.ndarray, nnx.Variable], jax.Array]:
-    """``place`` for :func:`import_params`: default device, or the mesh layout of the logical names."""
+) -> Callable[[nnx.Variable], jax.sharding.Sharding | None]:
+    """``sharding_for`` for :func:`import_params`: default device, or the mesh layout of the logical names."""
     if mesh is None:
-        return lambda arr, var: jax.device_put(arr)
-
-    def place(arr: np.ndarray, var: nnx.Variable) -> jax.Array:
-        names = var.get_metadata().get("out_sharding")
-        return jax.device_put(arr, logical_sharding(names, arr.shape, mesh, rules))
-
-    return place
+        return lambda var: None
+    return lambda var: logical_sharding(var.get_metadata().get("out_sharding"), tuple(var.shape), mesh, rules)

@@ -28,9 +28,7 @@ def _is_channels_last(shape: tuple[int, ...], channels: int) -> bool:
     raise ValueError(f"cannot tell the channel axis of images with shape {shape}; pass channels_last")
 
 
-def encode_images(
-    tower: SiglipVisionTower, images: jax.Array, *, channels_last: bool | None = None
-) -> jax.Array:
+def encode_images(tower: SiglipVisionTower, images: jax.Array, *, channels_last: bool | None = None) -> jax.Array:
     """``images`` (B, N, 3, H, W) or (B, N, H, W, 3), normalised -> (B, N·num_patches, hidden).
 
     The output dtype is the tower's compute dtype (bfloat16 for a bfloat16 tower).

@@ -32,7 +32,7 @@ from rdt_jax.encoders.hf_import import (
     ParamSource,
     import_params,
     linear_source,
-    make_placer,
+    make_sharding_fn,
     read_config,
     vector_source,
 )
@@ -57,9 +57,7 @@ class SiglipVisionConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} not divisible by heads {self.num_attention_heads}"
-            )
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by heads {self.num_attention_heads}")
         if self.hidden_act not in ("gelu_pytorch_tanh", "gelu_new"):
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (SigLIP uses gelu_pytorch_tanh)")
 
@@ -253,15 +251,13 @@ def load_siglip(
     """
     hf_dir = pathlib.Path(hf_dir)
     cfg = SiglipVisionConfig.from_hf(read_config(hf_dir), source=str(hf_dir / "config.json"))
-    model = nnx.eval_shape(
-        lambda: SiglipVisionTower(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    )
+    model = nnx.eval_shape(lambda: SiglipVisionTower(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract = nnx.split(model)
     rules = SIGLIP_SHARDING_RULES if rules is None else rules
     with CheckpointReader(hf_dir) as reader:
         # Full SigLIP checkpoints (and transformers 4.x SiglipVisionModel) prefix "vision_model.".
         prefix = "vision_model." if any(k.startswith("vision_model.") for k in reader.entries) else ""
         state = import_params(
-            reader, abstract, siglip_sources(cfg, prefix), ignore=_IGNORED, place=make_placer(mesh, rules)
+            reader, abstract, siglip_sources(cfg, prefix), ignore=_IGNORED, sharding_for=make_sharding_fn(mesh, rules)
         )
     return nnx.merge(graphdef, state)

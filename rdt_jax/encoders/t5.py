@@ -32,7 +32,7 @@ from rdt_jax.encoders.hf_import import (
     ParamSource,
     import_params,
     linear_source,
-    make_placer,
+    make_sharding_fn,
     read_config,
     vector_source,
 )
@@ -132,9 +132,7 @@ class _Blocks(nnx.Module):
 
     def __init__(self, cfg: T5EncoderConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         n, d, inner, f = cfg.num_layers, cfg.d_model, cfg.inner_dim, cfg.d_ff
-        p = lambda std, shape, names: _ops.param(
-            rngs, nnx.initializers.normal(std), shape, names, param_dtype
-        )
+        p = lambda std, shape, names: _ops.param(rngs, nnx.initializers.normal(std), shape, names, param_dtype)
         ones = lambda shape, names: _ops.param(rngs, nnx.initializers.ones, shape, names, param_dtype)
         self.attn_norm = ones((n, d), ("layers", "embed"))
         self.q = p(d**-0.5 * cfg.d_kv**-0.5, (n, d, inner), ("layers", "embed", "heads"))
@@ -264,6 +262,6 @@ def load_t5(
     rules = T5_SHARDING_RULES if rules is None else rules
     with CheckpointReader(hf_dir) as reader:
         state = import_params(
-            reader, abstract, t5_sources(cfg), ignore=_IGNORED, place=make_placer(mesh, rules)
+            reader, abstract, t5_sources(cfg), ignore=_IGNORED, sharding_for=make_sharding_fn(mesh, rules)
         )
     return nnx.merge(graphdef, state)

@@ -49,7 +49,5 @@ def tokenize(
     lengths = mask.sum(axis=1)
     if lengths.max(initial=0) > MAX_LANG_TOKENS:
         i = int(lengths.argmax())
-        raise ValueError(
-            f"instruction {i} has {int(lengths[i])} tokens, more than {MAX_LANG_TOKENS}: {texts[i]!r}"
-        )
+        raise ValueError(f"instruction {i} has {int(lengths[i])} tokens, more than {MAX_LANG_TOKENS}: {texts[i]!r}")
     return ids, mask
