@@ -8,6 +8,8 @@ uint8 output is exact and normalisation can happen later (on the device) without
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from PIL import Image
 
@@ -35,8 +37,11 @@ def pad_to_square(img: np.ndarray, fill: tuple[int, int, int] = PAD_VALUE) -> np
     if h == w:
         return img
     side = max(h, w)
-    out = np.empty((side, side, 3), np.uint8)
-    out[...] = np.asarray(fill, np.uint8)
+    if fill[0] == fill[1] == fill[2]:
+        out = np.full((side, side, 3), fill[0], np.uint8)  # a memset: ~10x faster than broadcasting
+    else:
+        out = np.empty((side, side, 3), np.uint8)
+        out[...] = np.asarray(fill, np.uint8)
     top, left = (side - h) // 2, (side - w) // 2
     out[top:top + h, left:left + w] = img
     return out
@@ -54,11 +59,37 @@ def normalize(img_uint8: np.ndarray) -> np.ndarray:
     return _LUT[img_uint8]
 
 
+@functools.lru_cache(maxsize=16)
+def _padding_row(width: int, size: int) -> np.ndarray:
+    # The horizontal pass of PIL's resize applied to one padding row (constant 127).
+    row = np.full((1, width, 3), PAD_VALUE[0], np.uint8)
+    return np.asarray(Image.fromarray(row).resize((size, 1), Image.Resampling.BICUBIC))
+
+
+def _pad_resize_landscape(img: np.ndarray, size: int) -> np.ndarray:
+    """pad_to_square + resize_bicubic for H < W, bit-exact but ~25 % cheaper.
+
+    PIL resamples horizontally, then vertically, with uint8 in between. For a landscape
+    image the horizontal pass of a padding row is a constant row, so only the H content rows
+    go through it; the vertical pass then runs on the padded (W, size) intermediate.
+    """
+    h, w = img.shape[:2]
+    top = (w - h) // 2
+    mid = np.empty((w, size, 3), np.uint8)
+    mid[:top] = mid[top + h:] = _padding_row(w, size)
+    mid[top:top + h] = np.asarray(Image.fromarray(img).resize((size, h), Image.Resampling.BICUBIC))
+    return np.asarray(Image.fromarray(mid).resize((size, size), Image.Resampling.BICUBIC))
+
+
 def preprocess_uint8(img: np.ndarray, size: int = SIGLIP_SIZE) -> np.ndarray:
     """(H, W, 3) uint8 RGB → (3, size, size) uint8: pad, resize, channels first."""
-    if img.dtype != np.uint8:
-        raise ValueError(f"expected uint8 pixels, got {img.dtype}")
-    return np.ascontiguousarray(resize_bicubic(pad_to_square(img), size).transpose(2, 0, 1))
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (H, W, 3) pixels, got {img.shape} {img.dtype}")
+    if img.shape[0] < img.shape[1] and PAD_VALUE[0] == PAD_VALUE[1] == PAD_VALUE[2]:
+        out = _pad_resize_landscape(img, size)
+    else:
+        out = resize_bicubic(pad_to_square(img), size)
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
 def preprocess(img: np.ndarray, size: int = SIGLIP_SIZE) -> np.ndarray:

@@ -48,3 +48,16 @@ def test_background_value():
     assert bg.shape == (3, 384, 384)
     np.testing.assert_array_equal(bg, np.float32(np.float32(127 / 255) - 0.5) / np.float32(0.5))
     assert abs(float(bg[0, 0, 0]) + 0.003921) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(480, 640, 3), (301, 400, 3), (47, 64, 3), (64, 47, 3), (20, 20, 3)])
+@pytest.mark.parametrize("size", [384, 16])
+def test_fast_landscape_path_is_bit_exact(shape, size):
+    from PIL import Image
+
+    img = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    side = max(shape[:2])
+    canvas = Image.new("RGB", (side, side), (127, 127, 127))
+    canvas.paste(Image.fromarray(img), ((side - shape[1]) // 2, (side - shape[0]) // 2))
+    want = np.asarray(canvas.resize((size, size), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(it.preprocess_uint8(img, size), want)
