@@ -1,0 +1,1 @@
+"""Training: mesh + sharding rules, jitted train step, Orbax checkpoints, the loop (see loop.py)."""

@@ -1,0 +1,236 @@
+"""Training configuration: frozen dataclasses, named presets, overridable from the command line (tyro).
+
+Everything a run does is decided here; the loop reads it top to bottom. Configs are data only: they
+are written to ``<output_dir>/train_config.json`` and never executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from rdt_jax.model.config import EmaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which RDT to train. ``preset`` names an ``rdt_jax.model.config.PRESETS`` entry or ``tiny``."""
+
+    preset: Literal["rdt-1b", "rdt-170m", "tiny"] = "rdt-1b"
+    hidden_size: int | None = None  # overrides of the preset (tiny models for debug/demo)
+    depth: int | None = None
+    num_heads: int | None = None
+    pred_horizon: int | None = None  # tiny only (the released models predict 64 steps)
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute (bf16 = official mixed precision)
+    remat: Literal["none", "full", "save_dots"] = "none"
+    # A directory written by convert_torch_weights.py (or a previous export); None = random init.
+    init_from: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEncoderConfig:
+    """Frozen SigLIP run inside the train step (as officially).
+
+    ``kind="siglip"`` loads so400m weights from ``path`` (a Hugging Face checkpoint directory);
+    ``kind="random_tiny"`` builds a tiny randomly initialised, frozen SigLIP of the same code path
+    (debug/demo runs, no download); ``kind="features"`` means the batch already carries
+    ``img_tokens`` (benchmarks).
+    """
+
+    kind: Literal["siglip", "random_tiny", "features"] = "siglip"
+    path: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # random_tiny only:
+    image_size: int = 28
+    patch_size: int = 14
+    hidden_size: int = 32
+    num_layers: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from.
+
+    ``demo``: tiny ALOHA-format HDF5 episodes written on the fly under ``<output_dir>/demo_data``.
+    ``hdf5``: a directory of ALOHA-format episodes (``hdf5_dir``) with a robot config.
+    ``rlds``: converted RLDS/ArrayRecord datasets (``rlds_dirs``; weights from ``weights_file``).
+    """
+
+    kind: Literal["demo", "hdf5", "rlds"] = "hdf5"
+    hdf5_dir: str | None = None
+    robot: str = "aloha_agilex"
+    rlds_dirs: tuple[str, ...] = ()
+    weights_file: str | None = None  # {dataset: weight} JSON (pretrain_sample_weights.json)
+    stats_file: str | None = None  # dataset_stat.json; computed from the data when None (hdf5/demo)
+    image_aug: bool = True
+    cond_mask_prob: float = 0.1
+    state_noise_snr: float | None = 40.0
+    max_lang_len: int = 1024
+    num_threads: int = 2
+    prefetch: int = 16
+    # demo dataset
+    demo_episodes: int = 8
+    demo_episode_len: int = 48
+    demo_image_size: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with the official defaults (TRAINING.md §1)."""
+
+    learning_rate: float = 1e-4
+    schedule: Literal["constant", "constant_with_warmup", "cosine"] = "constant"
+    warmup_steps: int = 500  # in optimiser steps (the official code multiplies by grad_accum: same thing)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-2  # on every parameter, as officially
+    # The official DeepSpeed runs clip nothing (TRAINING.md §3); we clip at the flag's value. 0 = off.
+    max_grad_norm: float = 1.0
+    mu_dtype: Literal["float32", "bfloat16"] = "float32"  # first AdamW moment; bf16 saves memory
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh (data, fsdp). -1 = all remaining devices; fsdp=1 is pure data parallelism."""
+
+    data: int = -1
+    fsdp: int = 1
+    # Multi-host: set coordinator ("host:port") to call jax.distributed.initialize.
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    save_every: int = 1000
+    max_to_keep: int | None = 3
+    keep_period: int | None = None  # also keep every step that is a multiple of this
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_mode: Literal["offline", "online"] = "offline"
+    wandb_project: str = "rdt-jax"
+    progress_bar: bool = True
+    log_every: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    every: int = 500  # 0 = never (a final validation still runs when > 0)
+    batch_size: int = 8  # global
+    num_batches: int = 2
+    num_inference_steps: int | None = None  # None: the model's (5)
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``batch_size`` is global (all devices, all micro-batches)."""
+
+    output_dir: str = "runs/train"
+    num_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    seed: int = 0
+    resume: bool = False
+    model: ModelConfig = ModelConfig()
+    image_encoder: ImageEncoderConfig = ImageEncoderConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    ema: EmaConfig = dataclasses.field(default_factory=EmaConfig)  # the official model.ema section
+    ema_enabled: bool = True
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    validation: ValidationConfig = ValidationConfig()
+    export: bool = True  # write the inference layout (config.json + params/ + ema/) at the end
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {self.num_steps}")
+
+    # Flat aliases so the CLI reads like the issue: --num-steps, --save-every, --init-from.
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------ presets
+_TINY_MODEL = ModelConfig(preset="tiny", hidden_size=64, depth=4, num_heads=4, pred_horizon=16, dtype="float32")
+_TINY_IMAGES = ImageEncoderConfig(kind="random_tiny", dtype="float32")
+
+
+def _debug() -> TrainConfig:
+    """Seconds per step on a CPU: tiny RDT, tiny frozen random SigLIP, demo episodes."""
+    return TrainConfig(
+        output_dir="runs/debug", num_steps=10, batch_size=8,
+        model=dataclasses.replace(_TINY_MODEL, hidden_size=32, depth=2),
+        image_encoder=_TINY_IMAGES,
+        data=DataConfig(kind="demo", image_aug=False, cond_mask_prob=0.1, state_noise_snr=40.0, max_lang_len=8,
+                        demo_episodes=4, demo_episode_len=40, num_threads=1, prefetch=4),
+        optim=OptimConfig(learning_rate=1e-3, schedule="constant_with_warmup", warmup_steps=2),
+        checkpoint=CheckpointConfig(save_every=5, max_to_keep=2),
+        log=LogConfig(tensorboard=True),
+        validation=ValidationConfig(every=0, batch_size=4, num_batches=1, plot=False),
+    )
+
+
+def _demo() -> TrainConfig:
+    """The README's first command: fine-tune a small RDT on the built-in demo dataset on a CPU."""
+    return TrainConfig(
+        output_dir="runs/demo", num_steps=400, batch_size=16,
+        model=_TINY_MODEL,
+        image_encoder=_TINY_IMAGES,
+        data=DataConfig(kind="demo", image_aug=False, cond_mask_prob=0.0, state_noise_snr=None, max_lang_len=8,
+                        demo_episodes=8, demo_episode_len=48, num_threads=2, prefetch=32),
+        optim=OptimConfig(learning_rate=1e-3, schedule="cosine", warmup_steps=20),
+        checkpoint=CheckpointConfig(save_every=100, max_to_keep=2),
+        validation=ValidationConfig(every=100, batch_size=16, num_batches=1),
+    )
+
+
+def _finetune_hdf5() -> TrainConfig:
+    """finetune.sh: rdt-1b from the released weights on ALOHA-format HDF5, bf16 compute."""
+    return TrainConfig(
+        output_dir="runs/finetune-hdf5", num_steps=200_000, batch_size=32,
+        model=ModelConfig(preset="rdt-1b", remat="full"),
+        data=DataConfig(kind="hdf5", image_aug=True, state_noise_snr=40.0),
+        checkpoint=CheckpointConfig(save_every=1000, max_to_keep=40),
+        validation=ValidationConfig(every=500, batch_size=64, num_batches=2),
+    )
+
+
+def _finetune_rlds() -> TrainConfig:
+    return dataclasses.replace(_finetune_hdf5(), output_dir="runs/finetune-rlds",
+                               data=DataConfig(kind="rlds", image_aug=True, state_noise_snr=40.0))
+
+
+def _pretrain() -> TrainConfig:
+    """pretrain.sh: random init, the Open X-Embodiment mixture with the official sample weights."""
+    return TrainConfig(
+        output_dir="runs/pretrain", num_steps=1_000_000, batch_size=32,
+        model=ModelConfig(preset="rdt-1b", remat="full"),
+        data=DataConfig(kind="rlds", image_aug=False, state_noise_snr=None,
+                        weights_file="../shared/reference/data/pretrain_sample_weights.json",
+                        stats_file="../shared/reference/data/dataset_stat.json"),
+        mesh=MeshConfig(data=-1, fsdp=8),
+        checkpoint=CheckpointConfig(save_every=1000, max_to_keep=40),
+        validation=ValidationConfig(every=500, batch_size=64, num_batches=2),
+    )
+
+
+PRESETS = {
+    "pretrain": _pretrain,
+    "finetune-hdf5": _finetune_hdf5,
+    "finetune-rlds": _finetune_rlds,
+    "debug": _debug,
+    "demo": _demo,
+}

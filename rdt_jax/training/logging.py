@@ -1,0 +1,64 @@
+"""Metric sinks: a JSONL file (always), TensorBoard event files (tensorboardX), wandb (optional, lazy)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+from rdt_jax.training.config import LogConfig
+
+
+class MetricWriter:
+    def __init__(self, output_dir: str | pathlib.Path, cfg: LogConfig, run_config: dict[str, Any],
+                 *, enabled: bool = True):
+        self.enabled = enabled
+        self.dir = pathlib.Path(output_dir)
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        self._jsonl = open(self.dir / "metrics.jsonl", "a")  # closed in close()
+        if cfg.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        if cfg.wandb:
+            import os
+
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("log.wandb=True needs the optional 'wandb' package (pip install wandb)") from e
+            os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
+            self._wandb = wandb.init(project=cfg.wandb_project, dir=str(self.dir), config=run_config,
+                                     mode=cfg.wandb_mode, resume="allow")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, **{k: (v if math.isfinite(v) else str(v))
+                                                       for k, v in clean.items()}}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def image(self, step: int, tag: str, png: pathlib.Path) -> None:
+        if self._tb is not None:
+            import numpy as np
+            from PIL import Image
+
+            self._tb.add_image(tag, np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

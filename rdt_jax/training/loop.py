@@ -1,0 +1,231 @@
+"""The training loop, top to bottom: devices -> model -> data -> state (fresh or resumed) -> steps -> export.
+
+One code path for 1 CPU, 8 GPUs or a pod slice: the mesh decides the layout, every process feeds its
+own share of each global batch, and Orbax saves/restores the sharded state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from rdt_jax.runner import abstract_policy
+from rdt_jax.training import checkpoints as ckpt
+from rdt_jax.training.config import TrainConfig
+from rdt_jax.training.data import DataBundle, build_data
+from rdt_jax.training.logging import MetricWriter
+from rdt_jax.training.mesh import make_mesh, maybe_initialize_distributed
+from rdt_jax.training.metrics import validation as val
+from rdt_jax.training.optimizer import make_optimizer
+from rdt_jax.training.sharding import batch_sharding
+from rdt_jax.training.train_step import (
+    init_params,
+    init_state,
+    make_image_encoder,
+    make_sample_step,
+    make_train_step,
+    rdt_config,
+    state_shardings,
+    step_batch,
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the run stopped without saving the bad state."""
+
+
+def _to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """This process's rows -> one global array per key, split over the mesh's batch axes."""
+    out = {}
+    nproc = jax.process_count()
+    for k, v in batch.items():
+        v = np.asarray(v)
+        shape = (v.shape[0] * nproc, *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, shape)
+    return out
+
+
+def _gather(x: Any) -> np.ndarray:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1
+                      else jax.device_get(x))
+
+
+def _config_json(cfg: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = None) -> dict[str, Any]:
+    """Runs (or resumes) ``cfg``; returns a summary. ``batch_hook(step, batch)`` may alter host batches
+    (tests inject faults with it)."""
+    # ---- devices
+    maybe_initialize_distributed(cfg.mesh)
+    mesh = make_mesh(cfg.mesh)
+    nproc, is_main = jax.process_count(), jax.process_index() == 0
+    n_dev = mesh.devices.size
+    for name, b in (("batch_size", cfg.batch_size // cfg.grad_accum), ("validation.batch_size",
+                                                                        cfg.validation.batch_size)):
+        if b % n_dev or b % nproc:
+            raise ValueError(f"{name} (per micro-batch) {b} must be divisible by the {n_dev} devices")
+    out = pathlib.Path(cfg.output_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- model + frozen image encoder
+    encoder = make_image_encoder(cfg.image_encoder, cfg.seed)
+    if encoder is not None:
+        img_cond_len = 6 * encoder.num_tokens_per_image
+        rcfg = rdt_config(cfg.model, img_cond_len=img_cond_len, max_lang_len=cfg.data.max_lang_len)
+        if cfg.model.preset == "tiny":
+            rcfg = rcfg.replace(img_token_dim=encoder.token_dim)
+        if (rcfg.img_cond_len, rcfg.img_token_dim) != (img_cond_len, encoder.token_dim):
+            raise ValueError(f"the image encoder gives {img_cond_len} tokens x {encoder.token_dim}, the model "
+                             f"expects {rcfg.img_cond_len} x {rcfg.img_token_dim}")
+        image_size = encoder.image_size
+    else:
+        raise ValueError("image_encoder.kind=features is for benchmarks (scripts/bench_train.py), not for training")
+    if cfg.data.max_lang_len > rcfg.max_lang_cond_len:
+        raise ValueError(f"data.max_lang_len {cfg.data.max_lang_len} > the model's {rcfg.max_lang_cond_len}")
+    tx, schedule = make_optimizer(cfg.optim, cfg.num_steps)
+
+    # ---- data (this process's share of every global batch)
+    data: DataBundle = build_data(
+        cfg.data, output_dir=str(out), local_batch=cfg.batch_size // nproc,
+        local_sample_batch=cfg.validation.batch_size // nproc if cfg.validation.every > 0 else 0,
+        image_size=image_size, horizon=rcfg.pred_horizon, seed=cfg.seed,
+        process_index=jax.process_index(), process_count=nproc)
+    train_iter = iter(data.train)
+
+    # ---- state: resumed from the latest committed checkpoint, or fresh
+    mngr = ckpt.make_manager(out / "checkpoints", cfg.checkpoint)
+    abstract_params = nnx.state(abstract_policy(rcfg), nnx.Param).to_pure_dict()
+    fresh = lambda params: init_state(params, tx, cfg.seed, cfg.ema_enabled)
+    abstract = jax.eval_shape(fresh, abstract_params)
+    shardings = state_shardings(abstract, mesh)
+    latest = mngr.latest_step() if cfg.resume else None
+    if latest is not None:
+        state, data_state, _ = ckpt.restore(mngr, latest, ckpt.abstract_with_shardings(abstract, shardings))
+        if data_state:
+            train_iter.set_state(data_state)
+        start = int(state["step"])
+        msg = f"resumed from {mngr.directory / str(latest)} (step {start})"
+    else:
+        params = init_params(rcfg, cfg.seed, cfg.model.init_from)
+        state = jax.jit(fresh, out_shardings=shardings)(params)
+        del params
+        start = 0
+        msg = "fresh start" + (" (--resume: no checkpoint found)" if cfg.resume else "")
+        if cfg.model.init_from:
+            msg += f", weights from {cfg.model.init_from}"
+    enc_params = encoder.params
+
+    meta = {"rdt_config": rcfg.to_official(), "dataset_names": data.dataset_names, "dataset_stats": data.stats,
+            "robot": data.robot, "train_config": _config_json(cfg)}
+    if is_main:
+        (out / "train_config.json").write_text(json.dumps(meta["train_config"], indent=2) + "\n")
+
+    # ---- compiled steps
+    first = next(train_iter)
+    host_batch = step_batch(first, with_images=True)
+    shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * nproc, *v.shape[1:]), v.dtype) for k, v in host_batch.items()}
+    step_fn = make_train_step(rcfg, tx, schedule, cfg.ema, mesh, abstract, shapes, encoder,
+                              grad_accum=cfg.grad_accum, ema_enabled=cfg.ema_enabled)
+    sample_fn = make_sample_step(rcfg, mesh, encoder, cfg.validation.num_inference_steps)
+    writer = MetricWriter(out, cfg.log, meta["train_config"], enabled=is_main)
+    pbar = None
+    if is_main and cfg.log.progress_bar:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=cfg.num_steps, initial=start, desc="train", dynamic_ncols=True, smoothing=0.1)
+    if is_main:
+        print(f"[rdt-jax] {msg}; mesh {dict(mesh.shape)} on {n_dev} {jax.devices()[0].platform} device(s), "
+              f"{nproc} process(es); output {out}", flush=True)
+
+    def validate(step: int) -> dict[str, float]:
+        it = iter(data.sample)  # a fresh, deterministic stream: every validation sees the same samples
+        batches, indices, first_plot = [], [], None
+        for i in range(cfg.validation.num_batches):
+            vb = next(it)
+            gb = _to_global(step_batch(vb, with_images=True), mesh)
+            noise = np.random.default_rng([cfg.seed, 77, i]).standard_normal(
+                gb["actions"].shape).astype(np.float32)
+            pred = _gather(sample_fn(state["params"], enc_params, gb, noise))
+            host = {k: _gather(_to_global({k: vb[k]}, mesh)[k])
+                    for k in ("actions", "state_elem_mask", "state_norm", "data_indices")}
+            batches.append(val.batch_metrics(pred, host["actions"], host["state_elem_mask"], host["state_norm"]))
+            indices.append(host["data_indices"])
+            first_plot = first_plot or (pred, host)
+        metrics = val.aggregate(batches, indices, data.dataset_names)
+        if is_main and cfg.validation.plot:
+            pred, host = first_plot
+            png = val.plot_trajectories(out / "validation" / f"step_{step:07d}.png", pred, host["actions"],
+                                        host["state_elem_mask"],
+                                        title=f"step {step}: mse {metrics['overall_avg_sample_mse']:.4f}")
+            writer.image(step, "validation/trajectories", png)
+        return metrics
+
+    # ---- the loop
+    losses: list[float] = []
+    pending = host_batch
+    step = start
+    last_val: dict[str, float] = {}
+    try:
+        while step < cfg.num_steps:
+            host = pending if pending is not None else step_batch(next(train_iter), with_images=True)
+            pending = None
+            if batch_hook is not None:
+                host = batch_hook(step, host)
+            t0 = time.perf_counter()
+            state, m = step_fn(state, enc_params, _to_global(host, mesh))
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            dt = time.perf_counter() - t0
+            step += 1
+            if not math.isfinite(m["loss"]):
+                mngr.wait_until_finished()
+                good = mngr.latest_step()
+                where = f"step {good} in {mngr.directory}" if good is not None else "none (no checkpoint saved yet)"
+                raise NonFiniteLossError(
+                    f"loss is {m['loss']} at step {step} (grad norm {m['grad_norm']}); stopping without saving. "
+                    f"Last good checkpoint: {where}. Check the data for NaN/inf or lower the learning rate, "
+                    "then --resume.")
+            losses.append(m["loss"])
+            m.update(step_time_s=dt, samples_per_s=cfg.batch_size / dt)
+            if step % cfg.log.log_every == 0:
+                writer.write(step, m)
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", gnorm=f"{m['grad_norm']:.3f}",
+                                 step_s=f"{dt:.2f}", samples_s=f"{m['samples_per_s']:.1f}", refresh=False)
+            if step % cfg.checkpoint.save_every == 0 or step == cfg.num_steps:
+                ckpt.save(mngr, step, state, train_iter.get_state(), {**meta, "step": step})
+            if cfg.validation.every > 0 and (step % cfg.validation.every == 0 or step == cfg.num_steps):
+                last_val = validate(step)
+                writer.write(step, last_val)
+                if pbar is not None:
+                    pbar.write(f"[validation @ {step}] " + ", ".join(f"{k}={v}" for k, v in last_val.items()))
+    finally:
+        mngr.wait_until_finished()
+        if pbar is not None:
+            pbar.close()
+        writer.close()
+
+    # ---- export the inference layout (raw weights, as officially released; EMA beside them)
+    exported = None
+    if cfg.export and step == cfg.num_steps:
+        params = jax.tree.map(_gather, state["params"])
+        ema = jax.tree.map(_gather, state["ema"]) if cfg.ema_enabled else None
+        if is_main:
+            exported = ckpt.export_inference(out, rcfg, params, ema, extra_files={
+                "dataset_stat.json": json.dumps(data.stats, indent=2) + "\n"})
+    mngr.close()
+    summary = {"output_dir": str(out), "start_step": start, "final_step": step, "losses": losses,
+               "validation": last_val, "checkpoints": str(mngr.directory), "exported": str(exported or "")}
+    return summary

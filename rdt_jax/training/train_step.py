@@ -1,0 +1,227 @@
+"""The train state, its shardings, and the jitted train / sample steps.
+
+The train state is a plain pytree (what Orbax saves)::
+
+    {"step": int32, "params": {...}, "opt_state": optax state, "ema": {...} float32, "rng": uint32[2]}
+
+Randomness is a pure function of (rng, step): step ``s`` draws its noise and timesteps from
+``fold_in(rng, s)``. With JAX's partitionable threefry the draws do not depend on the mesh, so any
+mesh shape, and any resume point, sees the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from rdt_jax.model.config import PRESETS as MODEL_PRESETS
+from rdt_jax.model.config import EmaConfig, RDTConfig
+from rdt_jax.model.policy import RDTPolicy
+from rdt_jax.runner import abstract_policy
+from rdt_jax.training import ema as ema_lib
+from rdt_jax.training.config import ImageEncoderConfig, ModelConfig
+from rdt_jax.training.sharding import batch_sharding, replicated, tree_shardings
+
+# Batch entries the train step reads (the data pipeline also carries state_norm, image_valid,
+# data_indices for validation). Either "images" (encoded in the step) or "img_tokens".
+STEP_KEYS = ("lang_embeds", "lang_attn_mask", "states", "actions", "state_elem_mask", "ctrl_freqs")
+
+
+# ------------------------------------------------------------------ model + image encoder
+def rdt_config(m: ModelConfig, *, img_cond_len: int, max_lang_len: int) -> RDTConfig:
+    """The RDTConfig of a run. ``tiny`` shrinks the condition tables to what the data produces."""
+    kw: dict[str, Any] = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    for name in ("hidden_size", "depth", "num_heads"):
+        if getattr(m, name) is not None:
+            kw[name] = getattr(m, name)
+    if m.init_from is not None:
+        from rdt_jax.convert.pretrained_dir import read_config
+
+        return read_config(m.init_from, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    if m.preset == "tiny":
+        n_img = img_cond_len // 6
+        kw.update(pred_horizon=m.pred_horizon or 64, img_cond_len=img_cond_len, max_lang_cond_len=max_lang_len,
+                  lang_pos_embed_config=(("lang", -max_lang_len),),
+                  img_pos_embed_config=(("image", (2, 3, -n_img)),))
+        return RDTConfig(**kw)
+    return MODEL_PRESETS[m.preset](**kw)
+
+
+@dataclasses.dataclass
+class ImageEncoder:
+    """Frozen image encoder: ``encode(params, images) -> (B, 6*patches, D)``; ``params`` is never trained."""
+
+    graphdef: Any
+    params: Any
+    num_tokens_per_image: int
+    token_dim: int
+    image_size: int
+
+    def encode(self, params: Any, images: jax.Array) -> jax.Array:
+        from rdt_jax.encoders.image_encoding import encode_images
+
+        if images.dtype == jnp.uint8:  # the pipeline may ship uint8 pixels: normalise on the device
+            images = images.astype(jnp.float32) / 127.5 - 1.0
+        return encode_images(nnx.merge(self.graphdef, params), images, channels_last=False)
+
+
+def make_image_encoder(cfg: ImageEncoderConfig, seed: int = 0) -> ImageEncoder | None:
+    if cfg.kind == "features":
+        return None
+    from rdt_jax.encoders.siglip import SiglipVisionConfig, SiglipVisionTower, load_siglip
+
+    if cfg.kind == "random_tiny":
+        # A randomly initialised, frozen SigLIP with the real code path: debug/demo runs need no download.
+        vcfg = SiglipVisionConfig(hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
+                                  num_hidden_layers=cfg.num_layers, num_attention_heads=2,
+                                  image_size=cfg.image_size, patch_size=cfg.patch_size)
+        make = lambda: SiglipVisionTower(vcfg, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(seed + 12345))
+        # Initialise under jit: eager initialisation dispatches hundreds of tiny ops (seconds on a CPU).
+        graphdef = nnx.graphdef(nnx.eval_shape(make))
+        params = jax.jit(lambda: nnx.state(make()))()
+        return ImageEncoder(graphdef, params, vcfg.num_patches, vcfg.hidden_size, vcfg.image_size)
+    elif cfg.kind == "siglip":
+        if cfg.path is None:
+            raise ValueError("image_encoder.kind=siglip needs image_encoder.path (a SigLIP so400m checkpoint dir)")
+        tower = load_siglip(cfg.path, dtype=jnp.dtype(cfg.dtype))
+    else:
+        raise ValueError(f"unknown image encoder kind {cfg.kind!r}")
+    graphdef, params = nnx.split(tower)
+    return ImageEncoder(graphdef, params, tower.cfg.num_patches, tower.cfg.hidden_size, tower.cfg.image_size)
+
+
+# ------------------------------------------------------------------ state
+def init_params(rcfg: RDTConfig, seed: int, init_from: str | None = None) -> dict:
+    if init_from is not None:
+        from rdt_jax.convert.pretrained_dir import read_params
+
+        abstract = nnx.state(abstract_policy(rcfg), nnx.Param).to_pure_dict()
+        return read_params(init_from, abstract)
+    # Under jit: one compiled initialiser instead of hundreds of eagerly dispatched ops.
+    return jax.jit(lambda: nnx.state(RDTPolicy(rcfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict())()
+
+
+def init_state(params: dict, tx: optax.GradientTransformation, seed: int, ema_enabled: bool) -> dict:
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "ema": ema_lib.ema_init(params) if ema_enabled else {},
+        "rng": jax.random.PRNGKey(seed + 1),  # raw uint32[2]: checkpointable as a plain array
+    }
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+    return tree_shardings(abstract_state, mesh)
+
+
+def shard_state(state: dict, mesh: Mesh) -> dict:
+    return jax.device_put(state, state_shardings(state, mesh))
+
+
+# ------------------------------------------------------------------ steps
+def _to_micro(x: jax.Array, k: int) -> jax.Array:
+    # (B, ...) -> (k, B/k, ...): micro-batch j holds samples j, k+j, 2k+j, ... so that the (sharded)
+    # leading batch axis stays the micro-batch axis and no resharding is needed.
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
+def make_train_step(
+    rcfg: RDTConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    ema_cfg: EmaConfig,
+    mesh: Mesh,
+    abstract_state: Any,
+    batch_shapes: dict[str, jax.ShapeDtypeStruct],
+    encoder: ImageEncoder | None,
+    *,
+    grad_accum: int = 1,
+    ema_enabled: bool = True,
+) -> Callable:
+    """``step(state, enc_params, batch) -> (state, metrics)``, jitted with explicit shardings; ``state`` is
+    donated (its buffers are reused for the new state, so params/moments are never held twice)."""
+    graphdef = nnx.graphdef(abstract_policy(rcfg))
+    num_t = rcfg.noise_scheduler.num_train_timesteps
+    k = grad_accum
+
+    def micro_loss(params, mb, noise, t, enc_params):
+        if encoder is not None:
+            img = encoder.encode(enc_params, mb["images"])
+        else:
+            img = mb["img_tokens"]
+        img = jax.lax.with_sharding_constraint(img, batch_sharding(mesh, img.ndim))
+        policy = nnx.merge(graphdef, params)
+        return policy.compute_loss(
+            mb["lang_embeds"], mb["lang_attn_mask"], img, mb["states"][:, -1:], mb["actions"],
+            mb["state_elem_mask"][:, None, :], mb["ctrl_freqs"], noise, t)
+
+    grad_fn = jax.value_and_grad(micro_loss)
+
+    def step(state, enc_params, batch):
+        params = state["params"]
+        b, horizon, adim = batch["actions"].shape
+        key = jax.random.fold_in(state["rng"], state["step"])
+        k_noise, k_t = jax.random.split(key)
+        noise = jax.random.normal(k_noise, (b, horizon, adim), jnp.float32)
+        t = jax.random.randint(k_t, (b,), 0, num_t)
+        if k == 1:
+            loss, grads = grad_fn(params, batch, noise, t, enc_params)
+        else:
+            micro = jax.tree.map(lambda x: _to_micro(x, k), (batch, noise, t))
+
+            def body(acc, xs):
+                mb, n, tt = xs
+                loss_i, g = grad_fn(params, mb, n, tt, enc_params)
+                acc_loss, acc_g = acc
+                return (acc_loss + loss_i, jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc_g, g)), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+            # Equal-size micro-batches: the mean of their means is the mean over the whole batch.
+            loss = loss / k
+            grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        new_ema = ema_lib.ema_update(ema_cfg, state["ema"], new_params, state["step"]) if ema_enabled else {}
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,
+                     "ema": new_ema, "rng": state["rng"]}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
+        return new_state, metrics
+
+    st_sh = state_shardings(abstract_state, mesh)
+    enc_sh = tree_shardings(encoder.params, mesh) if encoder is not None else None
+    b_sh = {name: batch_sharding(mesh, len(s.shape)) for name, s in batch_shapes.items()}
+    return jax.jit(step, in_shardings=(st_sh, enc_sh, b_sh), out_shardings=(st_sh, replicated(mesh)),
+                   donate_argnums=(0,))
+
+
+def make_sample_step(rcfg: RDTConfig, mesh: Mesh, encoder: ImageEncoder | None, num_steps: int | None) -> Callable:
+    """``sample(params, enc_params, batch, noise) -> actions`` (DPM-Solver++, as the official validation)."""
+    graphdef = nnx.graphdef(abstract_policy(rcfg))
+
+    def sample(params, enc_params, batch, noise):
+        img = encoder.encode(enc_params, batch["images"]) if encoder is not None else batch["img_tokens"]
+        policy = nnx.merge(graphdef, params)
+        return policy.predict_action(batch["lang_embeds"], batch["lang_attn_mask"], img, batch["states"][:, -1:],
+                                     batch["state_elem_mask"][:, None, :], batch["ctrl_freqs"], noise,
+                                     num_steps=num_steps)
+
+    return jax.jit(sample)
+
+
+def step_batch(batch: dict, with_images: bool) -> dict:
+    """The subset of a pipeline batch the train step consumes."""
+    keys = (*STEP_KEYS, "images" if with_images else "img_tokens")
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing}; has {sorted(batch)}")
+    return {k: batch[k] for k in keys}
