@@ -11,9 +11,11 @@ Only the *state* mapping matters: actions are future states (DATA.md §5.3), so 
 action conversions are not transcribed, except where the state itself is built from actions
 (previous-step base velocity; datasets without proprioception).
 
-The six pretraining datasets that are not RLDS (aloha_mobile, aloha_static, roboset, rh20t,
-calvin, bridgev2: custom TFRecords) are listed in `NON_RLDS_DATASETS`; asking for them
-here raises an error that says so.
+The six pretraining datasets that the official pipeline reads from its own per-step
+TFRecords instead of RLDS (`NON_RLDS_DATASETS`: aloha_mobile, aloha_static, roboset, rh20t,
+calvin, bridgev2) are registered too (`_CUSTOM_SPECS`). Their step feature paths are those
+of the RLDS-shaped copy that `rdt_jax.data.rlds.official_convert` writes (the structure the
+official `_parse_function`s return); see `official_formats.py` for the on-disk formats.
 """
 
 from __future__ import annotations
@@ -442,21 +444,98 @@ _SPECS: tuple[DatasetSpec, ...] = (
     ),
 )
 
-REGISTRY: Mapping[str, DatasetSpec] = MappingProxyType({s.name: s for s in _SPECS})
-assert len(REGISTRY) == len(_SPECS), "duplicate dataset name in the registry"
+# Datasets converted from the official custom TFRecords (data/preprocess_scripts/<name>.py).
+# Their instructions are stored per step by the converter, cleaned like the scripts do.
+_ALOHA_ARMS = (
+    # qpos / qvel: left 6 joints, left gripper, right 6 joints, right gripper (grippers used
+    # as recorded; the gripper velocities are not used).
+    Part("qpos", "left_" + J6, r(0, 6)),
+    Part("qvel", "left_arm_joint_{0..5}_vel", r(0, 6)),
+    Part("qpos", "left_gripper_open", (6,)),
+    Part("qpos", "right_" + J6, r(7, 13)),
+    Part("qvel", "right_arm_joint_{0..5}_vel", r(7, 13)),
+    Part("qpos", "right_gripper_open", (13,)),
+)
+CUSTOM_VERSION = "1.0.0"  # version directory the official-TFRecord converter writes
+_CUSTOM_SPECS: tuple[DatasetSpec, ...] = (
+    _ds(
+        "aloha_mobile",
+        50,
+        ("cam_high", "cam_right_wrist", "cam_left_wrist"),
+        *_ALOHA_ARMS,
+        # The base comes from the previous step's base action, labelled "base_vel_y" and
+        # "base_angular_vel" by the official action format.
+        Part("base_action", "base_vel_y", (0,), lag=1),
+        Part("base_action", "base_angular_vel", (1,), lag=1),
+        instruction=Instruction("instruction"),
+        version=CUSTOM_VERSION,
+    ),
+    _ds(
+        "aloha_static",
+        50,
+        ("cam_high", "cam_right_wrist", "cam_left_wrist"),
+        *_ALOHA_ARMS,
+        instruction=Instruction("instruction"),
+        version=CUSTOM_VERSION,
+    ),
+    _ds(
+        "roboset",
+        5,
+        ("rgb_top", "rgb_right", "rgb_left"),
+        Part("qpos", J7),
+        Part("qpos_gripper", "gripper_joint_0_pos"),  # used as recorded
+        instruction=Instruction("instruction"),
+        version=CUSTOM_VERSION,
+    ),
+    _ds(
+        "rh20t",
+        10,
+        ("image", None, None),
+        # The script decides the state format per step: 6 or 7 joints; the base-frame TCP
+        # pose (xyz + quaternion x, y, z, w) and the gripper width / 110 only when recorded.
+        Part("joint", J6, r(0, 6)),
+        Part("joint", "arm_joint_6_pos", (6,), when=("joint_dim", 7)),
+        Part("tcp_base", POS, r(0, 3), when=("tcp_base_valid", 1)),
+        Part("tcp_base", ANG, r(3, 7), op="quat_6d", when=("tcp_base_valid", 1)),
+        Part("gripper", "gripper_joint_0_pos", (0,), scale=1 / 110, when=("gripper_valid", 1)),
+        instruction=Instruction("instruction"),
+        version=CUSTOM_VERSION,
+    ),
+    _ds(
+        "calvin",
+        30,
+        ("rgb_static", "rgb_gripper", None),
+        # robot_obs: tcp xyz, tcp euler xyz, gripper width, 7 joints, gripper action (-1/1)
+        Part(OBS + "robot_obs", J7, r(7, 14)),
+        Part(OBS + "robot_obs", "gripper_open", (14,), scale=0.5, offset=0.5),
+        pos_euler(OBS + "robot_obs", r(0, 3), r(3, 6)),
+        instruction=Instruction("instruction"),
+        version=CUSTOM_VERSION,
+    ),
+    _ds(
+        "bridgev2",
+        5,
+        ("images0", None, None),
+        # state: xyz, euler roll/pitch/yaw, gripper; qpos: 6 joints
+        Part(OBS + "qpos", J6),
+        Part(OBS + "state", "gripper_joint_0_pos", (6,)),
+        pos_euler(OBS + "state", r(0, 3), r(3, 6)),
+        instruction=Instruction("language"),
+        version=CUSTOM_VERSION,
+    ),
+)
+
+REGISTRY: Mapping[str, DatasetSpec] = MappingProxyType({s.name: s for s in (*_SPECS, *_CUSTOM_SPECS)})
+assert len(REGISTRY) == len(_SPECS) + len(_CUSTOM_SPECS), "duplicate dataset name in the registry"
+assert {s.name for s in _CUSTOM_SPECS} == set(NON_RLDS_DATASETS)
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The mapping of an RLDS dataset; a clear error for unknown or non-RLDS names."""
+    """The mapping of a registered dataset; a clear error for unknown names."""
     try:
         return REGISTRY[name]
     except KeyError:
         pass
-    if name in NON_RLDS_DATASETS:
-        raise KeyError(
-            f"dataset {name!r} is not an RLDS/Open X-Embodiment dataset (the official pipeline "
-            f"reads it from custom TFRecords); it has no RLDS mapping"
-        )
     import difflib
 
     close = difflib.get_close_matches(name, list(REGISTRY), n=3)

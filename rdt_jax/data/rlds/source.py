@@ -26,7 +26,7 @@ import numpy as np
 from rdt_jax.data.action_space import SLOT_NAMES
 from rdt_jax.data.rlds import registry
 from rdt_jax.data.rlds.reader import EpisodeStore, RawEpisode
-from rdt_jax.data.rlds.spec import DatasetSpec, episode_states
+from rdt_jax.data.rlds.spec import DatasetSpec, episode_states_and_masks
 from rdt_jax.data.schema import ACTION_HORIZON, IMG_HISTORY, NUM_CAMERAS, RawSample
 
 INDEX_FILE = "rdt_step_index.npz"
@@ -128,6 +128,7 @@ def build_step_index(store: EpisodeStore, spec: DatasetSpec) -> StepIndex:
 class EpisodeData:
     raw: RawEpisode
     states: np.ndarray  # (T, 128) float32
+    masks: np.ndarray  # (T, 128) float32 0/1: the mapped slots of each step
     std: np.ndarray
     mean: np.ndarray
     norm: np.ndarray
@@ -188,7 +189,7 @@ class RldsSource:
                 self._cache.move_to_end(record)
                 return self._cache[record]
         raw = self.store.read(record)
-        states = episode_states(self.spec, raw.steps, f"{self.dataset_name}:{raw.where}")
+        states, masks = episode_states_and_masks(self.spec, raw.steps, f"{self.dataset_name}:{raw.where}")
         if not np.all(np.isfinite(states)):
             bad = [SLOT_NAMES[i] for i in np.flatnonzero(~np.all(np.isfinite(states), axis=0))]
             raise ValueError(f"{self.dataset_name}:{raw.where}: NaN/inf in unified state slots {bad}")
@@ -200,6 +201,7 @@ class RldsSource:
         data = EpisodeData(
             raw,
             states,
+            masks,
             s64.std(axis=0).astype(np.float32),
             s64.mean(axis=0).astype(np.float32),
             np.sqrt((s64**2).mean(axis=0)).astype(np.float32),
@@ -249,7 +251,7 @@ class RldsSource:
             step_id=step,
             state=ep.states[step : step + 1],
             actions=pad_future(ep.states, step, self.horizon),
-            state_elem_mask=self.spec.mask(),
+            state_elem_mask=ep.masks[step],  # the official state_vec_mask is that of step t
             state_std=ep.std,
             state_mean=ep.mean,
             state_norm=ep.norm,

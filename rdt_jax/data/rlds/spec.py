@@ -9,6 +9,11 @@ episode at once (numpy, no TensorFlow).
 Timing: `Part.lag = 1` takes the value of the *previous* step (zeros at step 0). The
 official pipeline does this for base velocities (the previous step's base action) and,
 for datasets without proprioception, for the whole state (the previous step's action).
+
+Per-step presence: `Part.when = (key, value)` applies a part only at steps where the
+integer step feature `key` equals `value`; elsewhere its slots are 0 and unmasked. rh20t
+needs this: its official script builds the state format per step (6 or 7 joints; the
+end-effector pose and the gripper only when recorded), so the mask varies by step.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class Part:
     offset: float = 0.0
     clip: float | None = None  # symmetric clip to [-clip, clip], after the affine map
     lag: int = 0  # 0: this step; 1: previous step (zeros at step 0)
+    when: tuple[str, int] | None = None  # (step feature, value): only at steps where it matches
 
     @property
     def unified_names(self) -> tuple[str, ...]:
@@ -241,7 +247,7 @@ class DatasetSpec:
         return action_space.mask_of(self.state_names, dtype=np.float32)
 
     def step_keys(self) -> tuple[str, ...]:
-        keys = {p.key for p in self.parts}
+        keys = {p.key for p in self.parts} | {p.when[0] for p in self.parts if p.when}
         if self.instruction.kind != "constant":
             keys.add(self.instruction.key)
         return tuple(sorted(keys))
@@ -250,21 +256,39 @@ class DatasetSpec:
 def episode_states(spec: DatasetSpec, steps: Mapping[str, np.ndarray], where: str) -> np.ndarray:
     """(T, 128) float32 unified states of one episode from its flat per-step features
     `{"observation/state": (T, ...), ...}`. Float32 like the official `assemble_state_vec`."""
+    return episode_states_and_masks(spec, steps, where)[0]
+
+
+def _step_feature(spec: DatasetSpec, steps: Mapping[str, np.ndarray], key: str, t: int, where: str) -> np.ndarray:
+    if key not in steps:
+        raise KeyError(f"{where}: dataset {spec.name} needs step feature {key!r}; the episode has {sorted(steps)}")
+    raw = np.asarray(steps[key])
+    if len(raw) != t:
+        raise ValueError(f"{where}: feature {key!r} has {len(raw)} steps, expected {t}")
+    return raw
+
+
+def episode_states_and_masks(
+    spec: DatasetSpec, steps: Mapping[str, np.ndarray], where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(T, 128) float32 states and (T, 128) float32 0/1 masks of one episode. The mask is
+    the same at every step unless a part has a `when` condition."""
     lengths = {k: len(v) for k, v in steps.items()}
     if not lengths:
         raise ValueError(f"{where}: episode has no step features")
     t = next(iter(lengths.values()))
     state = np.zeros((t, action_space.STATE_DIM), dtype=np.float32)
+    mask = np.zeros((t, action_space.STATE_DIM), dtype=np.float32)
     for part in spec.parts:
-        if part.key not in steps:
-            raise KeyError(
-                f"{where}: dataset {spec.name} needs step feature {part.key!r}; the episode has {sorted(steps)}"
-            )
-        raw = np.asarray(steps[part.key])
-        if len(raw) != t:
-            raise ValueError(f"{where}: feature {part.key!r} has {len(raw)} steps, expected {t}")
-        values = part.evaluate(raw, where)
+        values = part.evaluate(_step_feature(spec, steps, part.key, t, where), where)
+        present = np.ones((t, 1), dtype=bool)
+        if part.when is not None:
+            flag = _step_feature(spec, steps, part.when[0], t, where).reshape(t, -1)
+            present = flag[:, :1].astype(np.int64) == part.when[1]
+            values = np.where(present, values, 0.0)
         if part.lag:
             values = np.concatenate([np.zeros_like(values[:1]), values[:-1]], axis=0)
-        state[:, action_space.indices_of(part.unified_names)] = values
-    return state
+        idx = action_space.indices_of(part.unified_names)
+        state[:, idx] = values
+        mask[:, idx] = present
+    return state, mask
