@@ -27,7 +27,6 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import tyro
 from tqdm import tqdm
@@ -103,8 +102,7 @@ def encode(args: Args) -> list[pathlib.Path]:
                     save_lang_embedding_pt(stem.with_suffix(".pt"), emb, bfloat16=args.dtype == "bfloat16")
                     written.append(stem.with_suffix(".pt"))
                 if "safetensors" in args.formats:
-                    st_dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
-                    save_lang_embedding_safetensors(stem.with_suffix(".safetensors"), emb, text, dtype=st_dtype)
+                    save_lang_embedding_safetensors(stem.with_suffix(".safetensors"), emb, text)
                     written.append(stem.with_suffix(".safetensors"))
             bar.update(n)
     return written

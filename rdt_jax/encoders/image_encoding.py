@@ -3,21 +3,41 @@
 A sample's images come in the order ``[ext_{t-1}, right_{t-1}, left_{t-1}, ext_t, right_t,
 left_t]``, already preprocessed (pad to square with (127,127,127), bicubic resize to 384,
 ``(x/255 - 0.5)/0.5``; the data pipeline owns that transform so training and serving see the
-same pixels). They are encoded as one batch of ``B·6`` images and reshaped to
-``(B, 6·729, 1152)``: token ``n = image·729 + patch``, the layout of RDT's image position table.
+same pixels; :func:`preprocess_images` calls its ``rdt_jax.data.image_transform``). They
+are encoded as one batch of ``B·6`` images and reshaped to ``(B, 6·729, 1152)``: token
+``n = image·729 + patch``, the layout of RDT's image position table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rdt_jax.encoders.siglip import SiglipVisionTower
 
-__all__ = ["encode_images", "make_image_encoder"]
+__all__ = ["encode_images", "make_image_encoder", "preprocess_images"]
+
+
+def preprocess_images(images: Sequence[np.ndarray | None], size: int = 384) -> np.ndarray:
+    """uint8 RGB ``(H, W, 3)`` images (``None`` = missing camera) -> ``(N, 3, size, size)`` float32.
+
+    Uses the data pipeline's transform (pad to square with (127,127,127), PIL bicubic resize,
+    SigLIP normalisation), and its grey background for missing images, so serving feeds the
+    encoder exactly the pixels training did.
+    """
+    from rdt_jax.data import image_transform
+
+    out = [
+        image_transform.normalize(image_transform.background(size))
+        if im is None
+        else image_transform.preprocess(np.asarray(im), size)
+        for im in images
+    ]
+    return np.stack(out).astype(np.float32, copy=False)
 
 
 def _is_channels_last(shape: tuple[int, ...], channels: int) -> bool:

@@ -7,11 +7,14 @@ Two formats, both holding the **unpadded** embedding ``(L, 4096)`` of one instru
   tensor ``(L, 4096)``. RDT's single-instruction ``encode_lang.py`` instead saves a dict
   ``{"name", "instruction", "embeddings": (1, L, 4096)}``; :func:`load_lang_embedding` reads
   both. Loaded with ``torch.load(..., weights_only=True)`` (no pickle code execution).
-* **ours** ``.safetensors``: key ``embeddings`` ``(L, 4096)`` (bfloat16 by default), metadata
-  ``{"instruction": <text>}``. Readable without torch or jax.
+* **ours** ``.safetensors``: key ``embeddings`` ``(L, 4096)`` float32, metadata
+  ``{"instruction": <text>}``. float32 (bf16-computed values are stored exactly) because the
+  data pipeline (``rdt_jax.data.language.load_embedding``) reads it with
+  ``safetensors.numpy``, which has no bfloat16.
 
-The data pipeline should call :func:`load_lang_embedding`, which returns a numpy array
-``(L, 4096)`` (float32, or ``ml_dtypes.bfloat16``) whatever the format.
+``rdt_jax.data.language.load_embedding`` reads both formats (float32); :func:`load_lang_embedding`
+here does too and keeps a bfloat16 ``.pt`` in ``ml_dtypes.bfloat16`` (no 4096 check, so tests
+can use small widths).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def _check(emb: np.ndarray) -> np.ndarray:
 
 
 def save_lang_embedding_safetensors(
-    path: str | pathlib.Path, emb: np.ndarray, instruction: str, *, dtype: np.dtype = ml_dtypes.bfloat16
+    path: str | pathlib.Path, emb: np.ndarray, instruction: str, *, dtype: np.dtype = np.float32
 ) -> None:
     from safetensors.numpy import save_file
 

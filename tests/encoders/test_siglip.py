@@ -117,3 +117,25 @@ def test_wrong_image_size_is_an_error(hf_factory):
     tower = load_siglip(path)
     with pytest.raises(ValueError, match="patches"):
         tower(jnp.zeros((1, 3, 35, 35)))
+
+
+def test_preprocess_and_encode_raw_images(hf_factory, errs):
+    """Raw uint8 frames (one camera missing) -> data-pipeline preprocessing -> tokens, vs transformers."""
+    rel_err, _ = errs
+    image_transform = pytest.importorskip("rdt_jax.data.image_transform")
+    from rdt_jax.encoders.image_encoding import preprocess_images
+
+    cfg = dict(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=384, patch_size=96
+    )
+    model, path = hf_factory("siglip_vision", **cfg)
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(5)]
+    frames.insert(2, None)
+    pix = preprocess_images(frames)
+    assert pix.shape == (6, 3, 384, 384) and pix.dtype == np.float32
+    np.testing.assert_array_equal(pix[0], image_transform.preprocess(frames[0]))
+    np.testing.assert_allclose(pix[2], (127 / 255 - 0.5) / 0.5, rtol=1e-6)
+    ref = _ref(model, pix).reshape(1, 6 * 16, 16)
+    out = np.asarray(make_image_encoder(load_siglip(path))(pix[None]))
+    assert rel_err(out, ref) <= 1e-5

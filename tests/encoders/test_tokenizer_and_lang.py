@@ -91,7 +91,7 @@ def test_lang_embedding_formats(tmp_path):
     bf = emb.astype(ml_dtypes.bfloat16)
     save_lang_embedding_safetensors(tmp_path / "a.safetensors", emb, "open the drawer")
     got = load_lang_embedding(tmp_path / "a.safetensors")
-    assert got.dtype == ml_dtypes.bfloat16 and (got == bf).all()
+    assert got.dtype == np.float32 and (got == emb).all()
     save_lang_embedding_pt(tmp_path / "a.pt", emb)
     t = torch.load(tmp_path / "a.pt", weights_only=True)
     assert t.dtype == torch.bfloat16 and t.shape == (7, 32)
@@ -99,6 +99,17 @@ def test_lang_embedding_formats(tmp_path):
     # RDT's single-instruction layout: a dict with (1, L, D) embeddings.
     torch.save({"name": "x", "instruction": "y", "embeddings": torch.from_numpy(emb)[None]}, tmp_path / "b.pt")
     np.testing.assert_array_equal(load_lang_embedding(tmp_path / "b.pt"), emb)
+
+
+def test_lang_files_readable_by_data_pipeline(tmp_path):
+    """What we write is what rdt_jax.data.language reads (full 4096 width)."""
+    language = pytest.importorskip("rdt_jax.data.language")
+    emb = np.random.default_rng(1).standard_normal((5, 4096)).astype(np.float32)
+    save_lang_embedding_safetensors(tmp_path / "e.safetensors", emb, "stack the blocks")
+    np.testing.assert_array_equal(language.load_embedding(tmp_path / "e.safetensors"), emb)
+    save_lang_embedding_pt(tmp_path / "e.pt", emb)
+    expected = emb.astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(language.load_embedding(tmp_path / "e.pt"), expected)
 
 
 def test_encode_lang_script(tok_dir, hf_factory, tmp_path, errs):
