@@ -179,7 +179,7 @@ def _debug() -> TrainConfig:
         optim=OptimConfig(learning_rate=1e-3, schedule="constant_with_warmup", warmup_steps=2),
         checkpoint=CheckpointConfig(save_every=5, max_to_keep=2),
         log=LogConfig(tensorboard=True),
-        validation=ValidationConfig(every=0, batch_size=4, num_batches=1, plot=False),
+        validation=ValidationConfig(every=0, batch_size=8, num_batches=1, plot=False),
     )
 
 

@@ -188,7 +188,7 @@ def make_train_step(
             # Equal-size micro-batches: the mean of their means is the mean over the whole batch.
             loss = loss / k
             grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_ema = ema_lib.ema_update(ema_cfg, state["ema"], new_params, state["step"]) if ema_enabled else {}

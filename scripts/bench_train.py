@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Train-step benchmark on the CPU: step time (median), peak RSS, FLOPs and utilisation.
+
+Conditioning has the official sizes but comes as precomputed features (no SigLIP / T5 in the step):
+32 language tokens x 4096 and 4374 image tokens x 1152 per sample, 64 x 128 actions. Each case runs in
+its own subprocess so its peak RSS is its own. AdamW (fp32 moments unless --mu-dtype bfloat16),
+clipping on, EMA off (the official 20.2 GiB reference keeps a bf16 EMA; ours would add 4.9 GB fp32),
+buffer donation on.
+
+    python scripts/bench_train.py                    # all cases, markdown table on stdout
+    python scripts/bench_train.py --case rdt-170m:2:float32:none
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+CASES = ["rdt-170m:2:float32:none", "rdt-170m:2:bfloat16:none", "rdt-1b:1:bfloat16:full", "rdt-1b:1:float32:full"]
+OFFICIAL = {("rdt-170m", "float32"): 6.93, ("rdt-170m", "bfloat16"): 3.62, ("rdt-1b", "float32"): 29.7}
+
+
+def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(ts)
+
+
+def run_case(case: str, steps: int, mu_dtype: str) -> dict:
+    import jax
+    import numpy as np
+
+    from rdt_jax.model.config import PRESETS
+    from rdt_jax.training.config import MeshConfig, OptimConfig
+    from rdt_jax.training.mesh import make_mesh
+    from rdt_jax.training.optimizer import make_optimizer
+    from rdt_jax.training.train_step import init_params, init_state, make_train_step, state_shardings
+
+    name, b, dtype, remat = case.split(":")
+    b = int(b)
+    rcfg = PRESETS[name](param_dtype="float32", dtype=dtype, remat=remat)
+    tx, schedule = make_optimizer(OptimConfig(mu_dtype=mu_dtype), 1000)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1), jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    batch = {
+        "lang_embeds": rng.standard_normal((b, 32, 4096), np.float32),
+        "lang_attn_mask": np.ones((b, 32), bool),
+        "img_tokens": rng.standard_normal((b, rcfg.img_cond_len, rcfg.img_token_dim), np.float32),
+        "states": rng.standard_normal((b, 1, 128), np.float32),
+        "actions": rng.standard_normal((b, rcfg.pred_horizon, 128), np.float32),
+        "state_elem_mask": np.ones((b, 128), np.float32),
+        "ctrl_freqs": np.full((b,), 25.0, np.float32),
+    }
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    fresh = lambda p: init_state(p, tx, 0, ema_enabled=False)
+    params = init_params(rcfg, 0)
+    abstract = jax.eval_shape(fresh, params)
+    state = jax.jit(fresh, out_shardings=state_shardings(abstract, mesh), donate_argnums=0)(params)
+    del params
+    step = make_train_step(rcfg, tx, schedule, rcfg.ema, mesh, abstract, shapes, None, ema_enabled=False)
+    dev_batch = jax.device_put(batch)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, None, dev_batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", float("nan")))
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        state, m = compiled(state, None, dev_batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times[1:])
+    peak = matmul_peak("float32" if dtype == "float32" else "bfloat16")
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    return {"case": case, "params": n_params, "batch": b, "compute_dtype": dtype, "remat": remat,
+            "mu_dtype": mu_dtype, "step_s_median": med, "step_times": times, "compile_s": compile_s,
+            "flops": flops, "matmul_peak_flops": peak, "utilisation": flops / med / peak,
+            "loss": float(m["loss"]), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", action="append", help="model:batch:compute_dtype:remat (repeatable)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--mu-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="append per-case JSON lines here")
+    a = ap.parse_args()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if a.one:
+        print("RESULT " + json.dumps(run_case(a.case[0], a.steps, a.mu_dtype)), flush=True)
+        return 0
+    rows = []
+    for case in a.case or CASES:
+        cmd = [sys.executable, __file__, "--one", "--case", case, "--steps", str(a.steps), "--mu-dtype", a.mu_dtype]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        line = [s for s in p.stdout.splitlines() if s.startswith("RESULT ")]
+        if p.returncode or not line:
+            print(f"{case}: FAILED (rc {p.returncode})\n{p.stderr[-2000:]}", file=sys.stderr, flush=True)
+            rows.append({"case": case, "failed": f"rc {p.returncode}: {p.stderr.strip().splitlines()[-1:]}"})
+            continue
+        r = json.loads(line[0][7:])
+        rows.append(r)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        print(json.dumps(r), file=sys.stderr, flush=True)
+    print("| case (model:batch:compute:remat) | step s (median) | official s | speed-up | peak RSS GiB | "
+          "GFLOP/step | util. vs matmul peak | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "failed" in r:
+            print(f"| {r['case']} | failed: {r['failed']} | | | | | | |")
+            continue
+        name, _, dtype, _ = r["case"].split(":")
+        ref = OFFICIAL.get((name, dtype))
+        best = min(v for (n, _), v in OFFICIAL.items() if n == name)
+        sp = f"{best / r['step_s_median']:.2f}x vs best official" if best else ""
+        print(f"| {r['case']} | {r['step_s_median']:.2f} | {ref if ref else '-'} | {sp} | {r['peak_rss_gib']:.1f} | "
+              f"{r['flops'] / 1e9:.0f} | {100 * r['utilisation']:.0f}% of {r['matmul_peak_flops'] / 1e9:.0f} "
+              f"GFLOP/s | {r['compile_s']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
