@@ -57,7 +57,7 @@ class RDTRunner:
         return nnx.state(self.policy, nnx.Param)
 
     def param_dict(self) -> dict[str, Any]:
-        return self.params.to_pure_dict()
+        return nnx.to_pure_dict(self.params)
 
     # ------------------------------------------------------------------ API
     def model(self, x, freq, t, lang_c, img_c, lang_mask=None, *, capture: bool = False):
@@ -111,7 +111,7 @@ def load_pretrained(
                       **config_overrides)
     abstract = abstract_policy(cfg)
     graphdef, abstract_state = nnx.split(abstract)
-    params_abstract = nnx.state(abstract, nnx.Param).to_pure_dict()
+    params_abstract = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     params = read_params(path, params_abstract)
     nnx.replace_by_pure_dict(abstract_state, params)
     return RDTRunner(nnx.merge(graphdef, abstract_state))

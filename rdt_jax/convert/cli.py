@@ -75,7 +75,7 @@ def jax_to_torch(src: pathlib.Path, out: pathlib.Path, dtype: str | None = None)
     from rdt_jax.runner import abstract_policy
 
     cfg = read_config(src)
-    abstract = nnx.state(abstract_policy(cfg), nnx.Param).to_pure_dict()
+    abstract = nnx.to_pure_dict(nnx.state(abstract_policy(cfg), nnx.Param))
     if dtype is None:
         import orbax.checkpoint as ocp
 

@@ -1,6 +1,6 @@
 """The one-to-one map between the official PyTorch state-dict keys and our parameter tree.
 
-Our tree (``nnx.State(...).to_pure_dict()``) stores Linear kernels as (in, out) and the blocks
+Our tree (``nnx.to_pure_dict(state)``) stores Linear kernels as (in, out) and the blocks
 stacked: block ``i`` lives at index ``i // 2`` of ``model/lang_blocks`` (even ``i``) or
 ``model/img_blocks`` (odd ``i``). Everything else is a rename.
 """

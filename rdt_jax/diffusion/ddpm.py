@@ -22,14 +22,9 @@ def squaredcos_cap_v2_betas(num_train_timesteps: int, max_beta: float = 0.999) -
     return np.asarray(betas, dtype=np.float32)
 
 
-def _cumprod_f32(alphas: np.ndarray) -> np.ndarray:
-    # Sequential float32 product, the order torch.cumprod uses on CPU.
-    out = np.empty_like(alphas)
-    acc = np.float32(1.0)
-    for i, a in enumerate(alphas):
-        acc = np.float32(acc * a)
-        out[i] = acc
-    return out
+def _cumprod_like_torch(alphas: np.ndarray) -> np.ndarray:
+    # torch.cumprod on a CPU float32 tensor accumulates in double and rounds each output to float32.
+    return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +39,7 @@ class DDPMSchedule:
             raise ValueError(f"unsupported beta_schedule {beta_schedule!r}; RDT uses 'squaredcos_cap_v2'")
         betas = squaredcos_cap_v2_betas(num_train_timesteps)
         alphas = (np.float32(1.0) - betas).astype(np.float32)
-        return cls(betas=betas, alphas_cumprod=_cumprod_f32(alphas))
+        return cls(betas=betas, alphas_cumprod=_cumprod_like_torch(alphas))
 
     @property
     def num_train_timesteps(self) -> int:

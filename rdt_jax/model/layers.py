@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rdt_jax.model.config import adaptor_depth
@@ -72,7 +73,11 @@ class TimestepEmbedder(nnx.Module):
 
     def sinusoid(self, t: jax.Array) -> jax.Array:
         half = self.freq_dim // 2
-        freqs = jnp.exp(-math.log(self.max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+        # A trace-time constant, correctly rounded to float32, so every backend uses the same table
+        # (XLA's exp differs between CPU/GPU/TPU in the last ulp; at t=999 one ulp moves cos by ~1e-4).
+        exponent = (-math.log(self.max_period) * np.arange(half, dtype=np.float32) / np.float32(half))
+        exponent = exponent.astype(np.float32)
+        freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
         args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
         emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
         if self.freq_dim % 2:

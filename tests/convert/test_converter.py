@@ -1,0 +1,170 @@
+"""The converter: strict errors that write nothing, every input format, exact round trips."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file as load_np
+from safetensors.torch import save_file
+
+import rdt_jax
+from rdt_jax.convert.cli import main as convert_main
+from rdt_jax.convert.weights_io import WeightFileError
+
+
+@pytest.fixture(scope="module")
+def small_dir(shared_dir) -> pathlib.Path:
+    return shared_dir / "fixtures" / "rdt_small"
+
+
+@pytest.fixture(scope="module")
+def state(small_dir) -> dict[str, torch.Tensor]:
+    return torch.load(small_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+
+
+def _convert(src, out, *extra) -> int:
+    return convert_main([str(src), str(out), *map(str, extra)])
+
+
+def _bad_file(tmp_path, small_dir, state, suffix: str) -> pathlib.Path:
+    d = tmp_path / "src"
+    d.mkdir()
+    shutil.copy(small_dir / "config.json", d / "config.json")
+    if suffix == ".bin":
+        torch.save(state, d / "pytorch_model.bin")
+    else:
+        save_file(state, str(d / "model.safetensors"))
+    return d
+
+
+@pytest.mark.parametrize("fmt", [".bin", ".safetensors"])
+@pytest.mark.parametrize(
+    "corruption,message",
+    [
+        ("missing", "missing key"),
+        ("extra", "unexpected key"),
+        ("shape", "shape mismatch for model.blocks.1.cross_attn.kv.weight"),
+    ],
+)
+def test_bad_checkpoints_fail_clearly_and_write_nothing(tmp_path, small_dir, state, capsys, fmt, corruption, message):
+    state = dict(state)
+    if corruption == "missing":
+        del state["model.blocks.3.attn.q_norm.weight"]
+    elif corruption == "extra":
+        state["model.blocks.9.attn.q_norm.weight"] = torch.ones(32)
+    else:
+        state["model.blocks.1.cross_attn.kv.weight"] = torch.zeros(256, 127)
+    src = _bad_file(tmp_path, small_dir, state, fmt)
+    out = tmp_path / "out"
+    assert _convert(src, out) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    if corruption == "missing":
+        assert "model.blocks.3.attn.q_norm.weight" in err
+    if corruption == "shape":
+        assert "(256, 127)" in err and "(256, 128)" in err
+    assert not out.exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir()), "temp output left behind"
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
+def test_truncated_file(tmp_path, small_dir, capsys, name):
+    data = (small_dir / name).read_bytes()
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(small_dir / "config.json", src / "config.json")
+    (src / name).write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    assert _convert(src, out) == 1
+    assert str(src / name) in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_output_must_be_empty(tmp_path, small_dir, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert _convert(small_dir, out) == 1
+    assert "not an empty directory" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_single_file_needs_config(tmp_path, small_dir, capsys):
+    assert _convert(small_dir / "model.safetensors", tmp_path / "out") == 1
+    assert "--config" in capsys.readouterr().err
+
+
+def test_deepspeed_model_states(tmp_path, small_dir, state, cases):
+    ds = {"module": dict(state), "buffer_names": [], "ds_version": "0.14.2", "global_steps": 10}
+    torch.save(ds, tmp_path / "mp_rank_00_model_states.pt")
+    out = tmp_path / "out"
+    assert _convert(tmp_path / "mp_rank_00_model_states.pt", out, "--config", small_dir / "config.json") == 0
+    runner = rdt_jax.load_pretrained(out)
+    o = runner.model(cases["fwd.x"], cases["fwd.freq"], cases["fwd.t"], cases["fwd.lang_c"], cases["fwd.img_c"],
+                     cases["fwd.lang_mask"])
+    np.testing.assert_allclose(o, cases["fwd.out"], rtol=0, atol=1e-5 * np.abs(cases["fwd.out"]).max())
+
+
+def test_bf16_release_file_converts(tmp_path, small_dir, state):
+    # The released checkpoints store bfloat16 tensors.
+    bf16 = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    torch.save(bf16, tmp_path / "pytorch_model.bin")
+    shutil.copy(small_dir / "config.json", tmp_path / "config.json")
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"out_{dtype}"
+        assert _convert(tmp_path, out, "--dtype", dtype) == 0
+        runner = rdt_jax.load_pretrained(out)
+        got = dict(_torch_named(runner))
+        for key, value in bf16.items():
+            np.testing.assert_array_equal(got[key].astype(np.float32), value.float().numpy(), err_msg=key)
+
+
+def _torch_named(runner):
+    from rdt_jax.convert.params import torch_state_from_params
+
+    return torch_state_from_params(runner.param_dict(), runner.config)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_round_trip_jax_torch_jax_is_exact(tmp_path, small_dir, state, dtype):
+    jax1 = tmp_path / "jax1"
+    assert _convert(small_dir, jax1, "--dtype", dtype) == 0
+    torch_dir = tmp_path / "torch"
+    assert _convert(jax1, torch_dir, "--to-torch") == 0
+    # The official layout: config in the official schema, both weight files, official keys/shapes.
+    official_cfg = json.loads((small_dir / "config.json").read_text())
+    assert json.loads((torch_dir / "config.json").read_text()) == official_cfg
+    from_bin = torch.load(torch_dir / "pytorch_model.bin", weights_only=True)
+    from_st = load_np(str(torch_dir / "model.safetensors")) if dtype == "float32" else None
+    assert list(from_bin) == list(state)
+    for key, value in state.items():
+        assert tuple(from_bin[key].shape) == tuple(value.shape), key
+        expected = value.to(torch.bfloat16) if dtype == "bfloat16" else value
+        assert torch.equal(from_bin[key], expected), key
+        if from_st is not None:
+            np.testing.assert_array_equal(from_st[key], value.numpy(), err_msg=key)
+    jax2 = tmp_path / "jax2"
+    assert _convert(torch_dir, jax2, "--dtype", dtype) == 0
+    p1 = rdt_jax.load_pretrained(jax1, dtype=dtype).param_dict()
+    p2 = rdt_jax.load_pretrained(jax2, dtype=dtype).param_dict()
+    import jax
+
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p2), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
+
+
+def test_load_pretrained_errors(tmp_path, small_dir):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        rdt_jax.load_pretrained(tmp_path)
+    out = tmp_path / "jax"
+    assert _convert(small_dir, out) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["rdt"]["depth"] = 6
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightFileError, match="does not match the config"):
+        rdt_jax.load_pretrained(out)

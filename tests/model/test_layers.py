@@ -1,0 +1,102 @@
+"""Building blocks: the timm-1.0.3 norm, the timestep embedder, adaptors, attention dispatch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import rdt_jax
+from rdt_jax.model.attention import dot_product_attention
+from rdt_jax.model.layers import Adaptor
+from rdt_jax.model.norm import rms_scale
+from tests.helpers import assert_close
+
+
+def test_norm_is_timm_variance_form(cases):
+    y = rms_scale(jnp.asarray(cases["rmsnorm.x"]), jnp.asarray(cases["rmsnorm.weight"]), eps=1e-6, form="timm_var")
+    assert_close(y, cases["rmsnorm.y"], 1e-5, "rmsnorm")
+
+
+def test_true_rms_form_differs_and_matches_its_formula(cases):
+    x, w = cases["rmsnorm.x"].astype(np.float64), cases["rmsnorm.weight"].astype(np.float64)
+    y = rms_scale(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), eps=1e-6, form="rms")
+    expected = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6) * w
+    assert_close(y, expected, 1e-5, "rms")
+    assert np.max(np.abs(np.asarray(y) - cases["rmsnorm.y"])) > 1e-3  # the two forms really differ
+
+
+def test_timestep_embedder(converted_small, cases):
+    runner = rdt_jax.load_pretrained(converted_small)
+    model = runner.policy.model
+    t = cases["temb.t"]
+    sinusoid = np.asarray(model.t_embedder.sinusoid(jnp.asarray(t)))
+    # cos/sin of t*f: a 1-ulp difference in a float32 frequency f (torch's vectorised exp is not
+    # correctly rounded for 2 of the 128) moves the argument by up to t * 2**-23. Rows are checked
+    # against that float32 conditioning bound, and the embedder outputs below at 1e-5.
+    bound = np.maximum(t, 1).astype(np.float64)[:, None] * 2.0**-23 + 1e-7
+    assert np.all(np.abs(sinusoid - cases["temb.sinusoid"]) <= bound)
+    half = 128
+    f = np.exp(-np.log(10000.0) * np.arange(half) / half)
+    expected = np.concatenate([np.cos(np.outer(t, f)), np.sin(np.outer(t, f))], 1)
+    assert np.abs(sinusoid - expected).max() <= 999 * 2.0**-22  # [cos, sin] order and frequencies right
+    assert_close(model.t_embedder(jnp.asarray(t)), cases["temb.t_embedder_out"], 1e-5, "t_embedder")
+    assert_close(model.freq_embedder(jnp.asarray(t)), cases["temb.freq_embedder_out"], 1e-5, "freq_embedder")
+
+
+@pytest.mark.parametrize("spec,n_linear", [("linear", 1), ("mlp2x_gelu", 2), ("mlp4x_gelu", 4)])
+def test_adaptor_specs(spec, n_linear):
+    a = Adaptor(spec, 5, 6, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    assert len(a.layers) == n_linear
+    x = jax.random.normal(jax.random.key(1), (2, 3, 5))
+    h = x
+    for i, layer in enumerate(a.layers):
+        h = h @ layer.kernel[...] + layer.bias[...]
+        if i < n_linear - 1:
+            h = 0.5 * h * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+    assert_close(a(x), h, 1e-6, spec)
+
+
+def test_unknown_adaptor_spec_is_an_error():
+    with pytest.raises(ValueError, match="adaptor"):
+        rdt_jax.RDTConfig(lang_adaptor="mlp2x_relu")
+
+
+def _qkv(b=2, t=5, s=7, h=3, d=8, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(k1, (b, t, h, d)), jax.random.normal(k2, (b, s, h, d)),
+            jax.random.normal(k3, (b, s, h, d)))
+
+
+def _einsum_attention(q, k, v, mask=None):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = np.where(np.asarray(mask)[:, None, None, :], logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", p, v)
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_attention_matches_einsum(impl):
+    q, k, v = _qkv()
+    assert_close(dot_product_attention(q, k, v, impl=impl), _einsum_attention(q, k, v), 1e-5, impl)
+    mask = np.array([[True] * 7, [True] * 4 + [False] * 3])
+    out = dot_product_attention(q, k, v, jnp.asarray(mask), impl=impl)
+    assert_close(out, _einsum_attention(q, k, v, mask), 1e-5, f"{impl} masked")
+    # Masked keys have no influence at all.
+    v2 = v.at[1, 4:].set(1e3)
+    assert_close(dot_product_attention(q, k, v2, jnp.asarray(mask), impl=impl), out, 1e-6, "mask leak")
+
+
+def test_attention_impl_errors():
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError, match="Pallas"):
+        dot_product_attention(q, k, v, impl="pallas")
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        dot_product_attention(q, k, v, impl="flash")
+    with pytest.raises(ValueError, match="key_mask"):
+        dot_product_attention(q, k, v, jnp.ones((2, 5), bool))

@@ -1,0 +1,206 @@
+"""RDTRunner API: cached sampling, the second golden fixture, rng handling, input errors, remat."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import rdt_jax
+from rdt_jax.convert.params import params_from_torch
+from rdt_jax.model import RDTConfig, RDTPolicy
+from tests.helpers import assert_close
+
+PA = ["lang_tokens", "lang_attn_mask", "img_tokens", "state_tokens", "action_mask", "ctrl_freqs"]
+
+
+def tiny_config(**kw) -> RDTConfig:
+    base = dict(hidden_size=48, depth=3, num_heads=3, lang_token_dim=20, img_token_dim=12, state_token_dim=9,
+                action_dim=9, pred_horizon=6, max_lang_cond_len=8, img_cond_len=10,
+                lang_pos_embed_config=(("lang", -8),), img_pos_embed_config=(("image", (2, 1, -5)),))
+    base.update(kw)
+    return RDTConfig(**base)
+
+
+def tiny_inputs(cfg: RDTConfig, batch: int = 2, lang_len: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, lang_len), bool)
+    mask[-1, lang_len - 2 :] = False
+    return {
+        "lang_tokens": rng.standard_normal((batch, lang_len, cfg.lang_token_dim)).astype(np.float32),
+        "lang_attn_mask": mask,
+        "img_tokens": rng.standard_normal((batch, cfg.img_cond_len, cfg.img_token_dim)).astype(np.float32),
+        "state_tokens": rng.standard_normal((batch, 1, cfg.state_token_dim)).astype(np.float32),
+        "action_mask": (rng.random((batch, 1, cfg.action_dim)) > 0.3).astype(np.float32),
+        "ctrl_freqs": np.array([25, 3, 10, 1][:batch], np.int64),
+        "action_gt": rng.standard_normal((batch, cfg.pred_horizon, cfg.action_dim)).astype(np.float32),
+    }
+
+
+def randomised_runner(cfg: RDTConfig, seed: int = 0) -> rdt_jax.RDTRunner:
+    """A runner whose every parameter is random (the official init zeroes the output layer)."""
+    policy = RDTPolicy(cfg, rngs=nnx.Rngs(seed))
+    state = nnx.state(policy, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(state))))
+    nnx.update(policy, jax.tree.map(lambda a: a + 0.1 * jax.random.normal(next(keys), a.shape, a.dtype), state))
+    return rdt_jax.RDTRunner(policy)
+
+
+def test_cached_condition_sampling_equals_uncached(cases, converted_small):
+    runner = rdt_jax.load_pretrained(converted_small)
+    args = [cases[f"pa.{k}"] for k in PA]
+    cached = runner.predict_action(*args, noise=cases["pa.init_noise"], cache_cond_kv=True)
+    uncached = runner.predict_action(*args, noise=cases["pa.init_noise"], cache_cond_kv=False)
+    assert_close(cached, uncached, 1e-6, "cached vs uncached")
+    r = randomised_runner(tiny_config())
+    cfg = r.config
+    x = tiny_inputs(cfg)
+    noise = np.random.default_rng(3).standard_normal((2, cfg.pred_horizon, cfg.action_dim)).astype(np.float32)
+    a = r.predict_action(*[x[k] for k in PA], noise=noise, cache_cond_kv=True, num_steps=7)
+    b = r.predict_action(*[x[k] for k in PA], noise=noise, cache_cond_kv=False, num_steps=7)
+    assert_close(a, b, 1e-6, "tiny cached vs uncached")
+
+
+def test_second_golden_fixture_horizon_64(shared_dir):
+    """reference/data/golden_tiny_rdt_fp32.npz: hidden 64, depth 4, horizon 64, 14 ALOHA slots."""
+    g = np.load(shared_dir / "reference" / "data" / "golden_tiny_rdt_fp32.npz")
+    cfg = RDTConfig(hidden_size=64, depth=4, num_heads=4, lang_token_dim=48, img_token_dim=32, state_token_dim=128,
+                    action_dim=128, pred_horizon=64, max_lang_cond_len=16, img_cond_len=24,
+                    lang_pos_embed_config=(("lang", -16),), img_pos_embed_config=(("image", (2, 3, -4)),))
+
+    class NpzReader:
+        path = "golden_tiny_rdt_fp32.npz"
+
+        def keys(self):
+            return [k[2:] for k in g.files if k.startswith("w/")]
+
+        def shape(self, key):
+            return g[f"w/{key}"].shape
+
+        def get(self, key):
+            return g[f"w/{key}"]
+
+    policy = nnx.eval_shape(lambda: RDTPolicy(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(policy)
+    nnx.replace_by_pure_dict(state, params_from_torch(NpzReader(), cfg))
+    runner = rdt_jax.RDTRunner(nnx.merge(graphdef, state))
+    i = {k[3:]: g[k] for k in g.files if k.startswith("in/")}
+    loss = runner.compute_loss(i["lang_tokens"], i["lang_attn_mask"], i["img_tokens"], i["state_tokens"],
+                               i["action_gt"], i["action_mask"], i["ctrl_freqs"], noise=i["loss_noise"],
+                               timesteps=i["loss_timesteps"])
+    assert_close(loss, g["out/loss"], 1e-5, "loss")
+    actions, trace = runner.predict_action(i["lang_tokens"], i["lang_attn_mask"], i["img_tokens"], i["state_tokens"],
+                                           i["action_mask"], i["ctrl_freqs"], noise=i["sample_init_noise"],
+                                           capture=True)
+    np.testing.assert_array_equal(np.asarray(trace["timesteps"]), g["out/sample_timesteps"])
+    for k in range(5):
+        assert_close(trace["step_sample_in"][k], g["out/sample_x_in"][k], 1e-4, f"x_in[{k}]")
+        assert_close(trace["step_model_output"][k], g["out/sample_model_out"][k], 1e-4, f"x0[{k}]")
+    assert_close(actions, g["out/predict_action"], 1e-4, "predict_action")
+
+
+@pytest.fixture(scope="module")
+def tiny_runner() -> rdt_jax.RDTRunner:
+    return randomised_runner(tiny_config())
+
+
+def test_rng_paths_are_deterministic_and_validated(tiny_runner):
+    cfg, r = tiny_runner.config, tiny_runner
+    x = tiny_inputs(cfg)
+    loss_args = [x[k] for k in ["lang_tokens", "lang_attn_mask", "img_tokens", "state_tokens", "action_gt",
+                                "action_mask", "ctrl_freqs"]]
+    l1 = r.compute_loss(*loss_args, rng=jax.random.key(0))
+    l2 = r.compute_loss(*loss_args, rng=jax.random.key(0))
+    l3 = r.compute_loss(*loss_args, rng=jax.random.key(1))
+    assert float(l1) == float(l2) and float(l1) != float(l3) and np.isfinite(float(l1))
+    with pytest.raises(ValueError, match="rng"):
+        r.compute_loss(*loss_args)
+    a1 = r.predict_action(*[x[k] for k in PA], rng=jax.random.key(5))
+    a2 = r.predict_action(*[x[k] for k in PA], rng=jax.random.key(5))
+    np.testing.assert_array_equal(a1, a2)
+    assert a1.shape == (2, cfg.pred_horizon, cfg.action_dim)
+    assert np.all(np.asarray(a1)[np.broadcast_to(x["action_mask"], a1.shape) == 0] == 0)
+    with pytest.raises(ValueError, match="rng"):
+        r.predict_action(*[x[k] for k in PA])
+
+
+@pytest.mark.parametrize(
+    "name,bad,message",
+    [
+        ("lang_tokens", np.zeros((2, 5, 19), np.float32), r"lang_tokens must have shape \(\*, \*, 20\)"),
+        ("img_tokens", np.zeros((2, 11, 12), np.float32), r"img_tokens must have shape \(2, 10, 12\)"),
+        ("state_tokens", np.zeros((2, 9), np.float32), r"state_tokens must have shape \(2, 1, 9\)"),
+        ("action_mask", np.zeros((2, 1, 8), np.float32), r"action_mask must have shape \(2, 1, 9\)"),
+        ("lang_attn_mask", np.ones((2, 4), bool), r"lang_attn_mask must have shape \(2, 5\)"),
+        ("lang_tokens", np.zeros((2, 9, 20), np.float32), "max_lang_cond_len=8"),
+    ],
+)
+def test_bad_shapes_are_clear_errors(tiny_runner, name, bad, message):
+    cfg, r = tiny_runner.config, tiny_runner
+    x = tiny_inputs(cfg)
+    x[name] = bad
+    if name == "lang_tokens" and bad.shape[1] != 5:
+        x["lang_attn_mask"] = np.ones(bad.shape[:2], bool)
+    with pytest.raises(ValueError, match=message):
+        r.predict_action(*[x[k] for k in PA], rng=jax.random.key(0))
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_changes_nothing_numerically(remat):
+    cfg = tiny_config(depth=4)
+    base, rem = randomised_runner(cfg), randomised_runner(cfg.replace(remat=remat))
+    x = tiny_inputs(cfg)
+    args = [x[k] for k in ["lang_tokens", "lang_attn_mask", "img_tokens", "state_tokens", "action_gt",
+                           "action_mask", "ctrl_freqs"]]
+    noise = np.ones((2, cfg.pred_horizon, cfg.action_dim), np.float32)
+    t = np.array([3, 900])
+
+    def grads(r):
+        graphdef, params = nnx.split(r.policy, nnx.Param)
+        fn = lambda p: nnx.merge(graphdef, p).compute_loss(*args, noise, t)
+        return jax.jit(jax.value_and_grad(fn))(params)
+
+    (l1, g1), (l2, g2) = grads(base), grads(rem)
+    assert_close(l2, l1, 1e-6, "loss")
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        assert_close(b, a, 1e-5, "grad")
+
+
+def test_random_init_follows_official_recipe():
+    cfg = tiny_config()
+    p = nnx.to_pure_dict(nnx.state(RDTPolicy(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    m = p["model"]
+    assert np.all(np.asarray(m["final_layer"]["ffn_final"]["fc2"]["kernel"]) == 0)
+    assert np.all(np.asarray(m["lang_blocks"]["attn"]["qkv"]["bias"]) == 0)
+    assert np.all(np.asarray(m["img_blocks"]["norm1"]["weight"]) == 1)
+    # Xavier-uniform over the fused qkv matrix: bound sqrt(6 / (D + 3D)).
+    qkv = np.asarray(m["lang_blocks"]["attn"]["qkv"]["kernel"])
+    assert np.abs(qkv).max() <= np.sqrt(6 / (4 * 48)) and np.abs(qkv).max() > 0.8 * np.sqrt(6 / (4 * 48))
+    assert not np.array_equal(qkv[0], qkv[1])  # stacked layers are initialised independently
+    assert 0.015 < np.std(np.asarray(m["t_embedder"]["mlp0"]["kernel"])) < 0.025
+    bias = np.asarray(p["lang_adaptor"]["layers"][0]["bias"])
+    assert np.abs(bias).max() <= 1 / np.sqrt(20) and np.abs(bias).max() > 0  # torch default bias init
+    fresh = rdt_jax.RDTRunner(RDTPolicy(cfg, rngs=nnx.Rngs(0)))
+    x = tiny_inputs(cfg)
+    out = fresh.model(jnp.ones((2, cfg.pred_horizon + 1, 48)), x["ctrl_freqs"], jnp.array([1, 2]),
+                      jnp.ones((2, 5, 48)), jnp.ones((2, 10, 48)))
+    assert np.all(np.asarray(out) == 0)  # zero-initialised output layer
+
+
+def test_config_json_round_trip(shared_dir, tmp_path):
+    import json
+
+    raw = json.loads((shared_dir / "fixtures" / "rdt_small" / "config.json").read_text())
+    cfg = RDTConfig.from_official(raw)
+    official = cfg.to_official()
+    assert official.pop("rdt_jax") == {"norm_form": "timm_var", "norm_eps": 1e-6}
+    assert official == raw
+    cfg.replace(norm_form="rms").save_json(tmp_path / "c.json")
+    assert RDTConfig.from_json_file(tmp_path / "c.json").norm_form == "rms"
+    del raw["rdt"]
+    with pytest.raises(KeyError, match="rdt"):
+        RDTConfig.from_official(raw)
+    with pytest.raises(ValueError, match="divisible"):
+        RDTConfig(hidden_size=100, num_heads=3)
