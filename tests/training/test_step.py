@@ -17,7 +17,7 @@ def setup():
 
 
 def _run(setup, mesh_shape, grad_accum=1, steps=STEPS):
-    mesh, state, step, _ = tiny.build(*setup, mesh_shape, grad_accum=grad_accum)
+    _, state, step, _ = tiny.build(*setup, mesh_shape, grad_accum=grad_accum)
     losses = []
     for i in range(steps):
         state, m = step(state, None, tiny.batch(i))

@@ -43,13 +43,11 @@ def test_clipping_really_clips():
     grads = {"a": jnp.full(4, 3.0), "b": jnp.full((2, 2), 4.0)}  # norm 10
     clipped = jax.tree.map(lambda g: g / 10.0, grads)
     ref = optax.adamw(0.1, weight_decay=0.0)
-    u, _ = tx.update(grads, tx.init(params), params)
-    u_ref, _ = ref.update(clipped, ref.init(params), params)
     # Adam's first step is sign-like: compare the second step, where the clipped scale matters.
     s, s_ref = tx.init(params), ref.init(params)
     for _ in range(2):
-        u, s = tx.update(grads, s, params)
-        u_ref, s_ref = ref.update(clipped, s_ref, params)
+        _, s = tx.update(grads, s, params)
+        _, s_ref = ref.update(clipped, s_ref, params)
     np.testing.assert_allclose(s[1][0].mu["a"], s_ref[0].mu["a"], rtol=1e-6)  # moments saw clipped grads
     np.testing.assert_allclose(s[1][0].nu["b"], s_ref[0].nu["b"], rtol=1e-6)
     unclipped, _ = make_optimizer(OptimConfig(max_grad_norm=0.0), 10)

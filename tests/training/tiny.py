@@ -13,7 +13,10 @@ from rdt_jax.training.train_step import init_params, init_state, make_train_step
 B, LANG, IMG = 8, 8, 24
 
 
-def setup(optim: OptimConfig = OptimConfig(learning_rate=1e-3)):
+DEFAULT_OPTIM = OptimConfig(learning_rate=1e-3)
+
+
+def setup(optim: OptimConfig = DEFAULT_OPTIM):
     rcfg = rdt_config(ModelConfig(preset="tiny", hidden_size=32, depth=2, num_heads=4, pred_horizon=8,
                                   dtype="float32"), img_cond_len=IMG, max_lang_len=LANG)
     rcfg = rcfg.replace(img_token_dim=16)
