@@ -47,9 +47,14 @@ def write_pretrained_dir(out: str | pathlib.Path, cfg: RDTConfig, params: PurePa
     check_params(params, cfg, what=str(out))
     with atomic_output_dir(out) as tmp:
         cfg.save_json(tmp / CONFIG_FILE)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / PARAMS_DIR, params)
-        checkpointer.wait_until_finished()
+        # Synchronous save, and NumPy leaves written without Orbax's defensive deep copy (nothing
+        # mutates them meanwhile): converting rdt-1b then holds ~1.8 copies of the output, not 3.
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+            (jax.Array, ocp.type_handlers.ArrayHandler()),
+        )
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+        checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
         checkpointer.close()
     return pathlib.Path(out)
 

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
+import struct
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -27,44 +29,63 @@ class WeightReader(Protocol):
     def get(self, key: str) -> np.ndarray: ...
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
 class SafetensorsReader:
+    """Reads tensors with explicit file reads rather than a memory map.
+
+    ``safetensors.safe_open`` maps the whole file, and every page it touches stays resident: after a
+    full conversion the entire source would count against memory next to the output. Reading each
+    tensor into its own buffer keeps only the tensor in flight. The header is still validated by the
+    ``safetensors`` library before anything is read.
+    """
+
     def __init__(self, path: pathlib.Path):
         from safetensors import safe_open
 
         self.path = path
         try:
-            self._file = safe_open(str(path), framework="numpy")
-            self._keys = list(self._file.keys())
+            with safe_open(str(path), framework="numpy") as f:  # validates the header and offsets
+                self._keys = list(f.keys())
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise WeightFileError(f"{path}: not a readable safetensors file ({e})") from e
-        self._check_size()
-
-    def _check_size(self) -> None:
-        # A truncated file has an intact header but data offsets past the end of the file.
-        import json
-        import struct
-
-        with open(self.path, "rb") as f:
+        with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        size = self.path.stat().st_size
-        if 8 + header_len + end > size:
+        self._data_start = 8 + header_len
+        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in self._entries.values()), default=0)
+        size = path.stat().st_size
+        if self._data_start + end > size:
             raise WeightFileError(
-                f"{self.path}: truncated safetensors file ({size} bytes, header expects {8 + header_len + end})"
+                f"{path}: truncated safetensors file ({size} bytes, header expects {self._data_start + end})"
             )
 
     def keys(self) -> list[str]:
         return self._keys
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._file.get_slice(key).get_shape())
+        return tuple(self._entries[key]["shape"])
 
     def get(self, key: str) -> np.ndarray:
-        try:
-            return self._file.get_tensor(key)
-        except Exception as e:
-            raise WeightFileError(f"{self.path}: cannot read tensor {key!r} ({e})") from e
+        entry = self._entries[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise WeightFileError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+        begin, end = entry["data_offsets"]
+        out = np.empty(tuple(entry["shape"]), dtype=dtype)
+        if out.nbytes != end - begin:
+            raise WeightFileError(f"{self.path}: tensor {key!r}: {end - begin} bytes for shape {out.shape}")
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            # Read through a uint8 view: memoryview cannot export ml_dtypes' bfloat16.
+            if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+                raise WeightFileError(f"{self.path}: tensor {key!r} is truncated")
+        return out
 
 
 def _torch_to_numpy(t: Any) -> np.ndarray:
