@@ -1,11 +1,20 @@
-"""Data pipeline throughput: grain (HDF5 source + sample transform) vs a plain tf.data pipeline.
+"""Data pipeline throughput per CPU core: grain over ALOHA HDF5, grain over ArrayRecord (RLDS),
+and a plain tf.data pipeline doing the same work on the same data.
 
-Both read the same ALOHA-format episodes (3 cameras, 480×640 JPEG, zero-padded rows) and per
-sample decode six JPEGs (2 frames × 3 cameras), pad them to square and bicubic-resize to 384,
-normalise to float32 (6, 3, 384, 384) and batch states/actions. Prints samples/s overall and
-per CPU core (cores = this process's CPU affinity).
+Data: synthetic ALOHA episodes (3 cameras, 480×640 camera-like JPEG frames, zero-padded rows,
+~50 KB each); the same JPEG bytes are also converted to ArrayRecord as `aloha_mobile` with
+`convert_official(source="aloha-hdf5")` (the ArrayRecord path). Per sample, every pipeline
+decodes six JPEGs (2 frames × 3 cameras), pads to square with (127,127,127), bicubic-resizes to
+384 and reads states/actions; grain adds the full SampleTransform (masks, language, …).
+
+Numbers (all per CPU core, so other processes on the machine matter little):
+* `stage` rows: one thread, `time.process_time()` per sample for `source.get` (read + decode)
+  and `transform` (pad + resize + the rest) — the CPU cost of one sample.
+* pipeline rows: samples / CPU-second of this whole process (all its threads), and samples/s
+  wall divided by the cores in the affinity mask (`taskset -c 0` for a one-core run).
 
     python scripts/bench_data.py [--episodes 4 --steps 160 --batches 20 --batch-size 8]
+    taskset -c 0 python scripts/bench_data.py --threads 1
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ def write_data(d: pathlib.Path, episodes: int, steps: int) -> None:
         q = np.cumsum(rng.normal(0, 0.02, (steps, 14)), 0).astype(np.float32)
         with h5py.File(d / f"episode_{e}.hdf5", "w") as f:
             f["/observations/qpos"] = q
+            f["/observations/qvel"] = np.zeros_like(q)  # for the aloha_mobile ArrayRecord conversion
+            f["/base_action"] = np.zeros((steps, 2), np.float32)
             f["/action"] = q
             for c, cam in enumerate(CAMS):
                 enc = [cv2.imencode(".jpg", synth_frame(t, c, rng), [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
@@ -73,15 +84,47 @@ def _timed(it, batches: int, batch_size: int) -> tuple[float, float, dict]:
     return n / (time.perf_counter() - t0), n / (time.process_time() - c0), b
 
 
-def bench_grain(src: HDF5Source, batch_size: int, batches: int, threads: int, image_dtype: str = "float32"
+def write_array_record(h5_dir: pathlib.Path, out_root: pathlib.Path) -> pathlib.Path:
+    """The same episodes (same JPEG bytes) as an `aloha_mobile` ArrayRecord dataset."""
+    from rdt_jax.data.rlds.official_convert import convert_official
+
+    path, _, _ = convert_official("aloha_mobile", h5_dir, out_root, source="aloha-hdf5",
+                                  instruction="fold the towel")
+    return path
+
+
+def _transform(image_dtype: str, store=None) -> tuple[SampleTransform, BatchConfig]:
+    return SampleTransform(TransformConfig.eval(), _bcfg(image_dtype), embedding_store=store,
+                           dataset_ids={"agilex": 0, "aloha_mobile": 1}), _bcfg(image_dtype)
+
+
+_BATCH = 8
+
+
+def _bcfg(image_dtype: str) -> BatchConfig:
+    return BatchConfig(batch_size=_BATCH, max_lang_len=32, image_dtype=image_dtype)
+
+
+def bench_stages(name: str, src, tf: SampleTransform, n: int) -> dict[str, float]:
+    """CPU ms per sample (this thread only) of source.get and of the transform."""
+    rngs = [np.random.default_rng([0, i]) for i in range(n + 2)]
+    tf(src.get(0, rngs[0]), rngs[0])  # warm caches (kernel build, coefficients, episode cache)
+    c0 = time.thread_time()
+    raws = [src.get(i, rngs[i]) for i in range(1, n + 1)]
+    c1 = time.thread_time()
+    for i, r in enumerate(raws):
+        tf(r, rngs[i])
+    c2 = time.thread_time()
+    return {"get_ms": (c1 - c0) / n * 1e3, "transform_ms": (c2 - c1) / n * 1e3}
+
+
+def bench_grain(sources: dict, tf: SampleTransform, bcfg: BatchConfig, batches: int, threads: int
                 ) -> tuple[float, float]:
-    bcfg = BatchConfig(batch_size=batch_size, max_lang_len=32, image_dtype=image_dtype)
-    tf = SampleTransform(TransformConfig.eval(), bcfg, dataset_ids={"agilex": 0})
-    cfg = PipelineConfig(seed=0, num_threads=threads, prefetch_buffer_size=2 * batch_size)
-    it = iter(build_pipeline({"agilex": src}, {"agilex": 1}, tf, bcfg, cfg))
+    cfg = PipelineConfig(seed=0, num_threads=threads, prefetch_buffer_size=2 * bcfg.batch_size)
+    it = iter(build_pipeline(sources, dict.fromkeys(sources, 1.0), tf, bcfg, cfg))
     next(it)  # warm-up: thread pool, caches
-    wall, cpu, b = _timed(it, batches, batch_size)
-    assert b["images"].shape == (batch_size, 6, 3, 384, 384)
+    wall, cpu, b = _timed(it, batches, bcfg.batch_size)
+    assert b["images"].shape == (bcfg.batch_size, 6, 3, 384, 384)
     return wall, cpu
 
 
@@ -126,32 +169,55 @@ def bench_tf(src: HDF5Source, batch_size: int, batches: int, threads: int) -> tu
 
 
 def main() -> int:
+    global _BATCH
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="existing ALOHA episodes (default: synthesise)")
     p.add_argument("--episodes", type=int, default=4)
     p.add_argument("--steps", type=int, default=160)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--stage-samples", type=int, default=48)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--skip-tf", action="store_true")
+    p.add_argument("--skip-rlds", action="store_true")
     args = p.parse_args()
+    _BATCH = args.batch_size
     cores = len(os.sched_getaffinity(0))
+    print(f"cores in affinity mask: {cores}; grain threads: {args.threads}; load average: {os.getloadavg()}")
+    results: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        d = pathlib.Path(args.data_dir or tmp)
+        d = pathlib.Path(args.data_dir or tmp + "/h5")
         if args.data_dir is None:
             write_data(d, args.episodes, args.steps)
         src = HDF5Source(d, load_robot_config("aloha_agilex"))
-        results = {"grain_hdf5": bench_grain(src, args.batch_size, args.batches, args.threads),
-                   "grain_hdf5_uint8_images": bench_grain(src, args.batch_size, args.batches, args.threads,
-                                                          "uint8")}
+        sources = {"hdf5": src}
+        store = None
+        if not args.skip_rlds:
+            from rdt_jax.data.rlds.source import RldsSource
+
+            rsrc = RldsSource(write_array_record(d, pathlib.Path(tmp) / "ar"))
+            store = language.EmbeddingStore(pathlib.Path(tmp) / "emb")
+            store.put(rsrc.episode(int(rsrc.index.records[0])).instruction,
+                      np.random.default_rng(1).normal(size=(16, 4096)).astype(np.float32))
+            sources["array_record"] = rsrc
+        for image_dtype in ("uint8", "float32"):
+            tf, bcfg = _transform(image_dtype, store)
+            for name, s in sources.items():
+                st = bench_stages(name, s, tf, args.stage_samples)
+                tot = st["get_ms"] + st["transform_ms"]
+                print(f"stage {name:12s} {image_dtype:7s}: source.get {st['get_ms']:.2f} ms + transform "
+                      f"{st['transform_ms']:.2f} ms = {tot:.2f} CPU-ms/sample → {1e3 / tot:.1f} samples/s per core")
+                key = f"grain_{name}_{image_dtype}"
+                results[key] = bench_grain({s.dataset_name: s}, tf, bcfg, args.batches, args.threads)
         if not args.skip_tf:
             try:
-                results["tf_data_hdf5"] = bench_tf(src, args.batch_size, args.batches, args.threads)
+                results["tf_data_hdf5_float32"] = bench_tf(src, args.batch_size, args.batches, args.threads)
             except ImportError:
                 print("tensorflow not installed: tf.data comparison skipped")
     for k, (wall, cpu) in results.items():
         print(f"{k}: {wall:.1f} samples/s wall ({wall / cores:.1f} per core, {cores} cores), "
               f"{cpu:.1f} samples per CPU-second")
+    print(f"load average at the end: {os.getloadavg()}")
     return 0
 
 

@@ -4,14 +4,22 @@ Exactly the official chain (ENCODERS.md §1.3): uint8 RGB (H, W, 3) → pad to a
 (127, 127, 127), centred → PIL bicubic resize to `size` → ×1/255, (x − 0.5)/0.5 → float32
 (3, size, size). The resize runs on uint8 (as transformers does: it converts to PIL), so its
 uint8 output is exact and normalisation can happen later (on the device) without loss.
+
+Speed: when `pil_resample.available()` (a small C kernel compiled on first use), the resize
+runs through `pil_resample`, a bit-exact re-implementation of Pillow's BICUBIC that also skips
+the constant padding analytically; otherwise through Pillow itself. Same output either way
+(tests compare both against Pillow); `RDT_JAX_RESIZE=pil` forces Pillow.
 """
 
 from __future__ import annotations
 
 import functools
 
+import cv2
 import numpy as np
 from PIL import Image
+
+from rdt_jax.data import pil_resample
 
 SIGLIP_SIZE = 384
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -51,11 +59,21 @@ def resize_bicubic(img: np.ndarray, size: int = SIGLIP_SIZE) -> np.ndarray:
     """PIL BICUBIC (antialiased) resize of a uint8 (H, W, 3) image to (size, size, 3)."""
     if img.shape[:2] == (size, size):
         return img
+    if img.dtype == np.uint8 and img.ndim == 3 and img.shape[0] == img.shape[1] and pil_resample.available():
+        return pil_resample.resize_square(img, size)
     return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def normalize(img_uint8: np.ndarray) -> np.ndarray:
-    """uint8 pixels → SigLIP input values in [−1, 1] (float32, same shape)."""
+    """uint8 pixels → SigLIP input values in [−1, 1] (float32, same shape).
+
+    A 256-entry table lookup (exactly transformers' rescale + normalise per value); OpenCV's
+    `LUT` does it ~3x faster than numpy fancy indexing, same values."""
+    img_uint8 = np.asarray(img_uint8)
+    if img_uint8.dtype == np.uint8 and img_uint8.ndim >= 2 and img_uint8.size and img_uint8.flags.c_contiguous:
+        flat = img_uint8.reshape(-1, img_uint8.shape[-1])
+        if flat.shape[0] < 2**31 and flat.shape[1] < 2**31:
+            return cv2.LUT(flat, _LUT).reshape(img_uint8.shape)
     return _LUT[img_uint8]
 
 
@@ -81,15 +99,29 @@ def _pad_resize_landscape(img: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mid).resize((size, size), Image.Resampling.BICUBIC))
 
 
-def preprocess_uint8(img: np.ndarray, size: int = SIGLIP_SIZE) -> np.ndarray:
-    """(H, W, 3) uint8 RGB → (3, size, size) uint8: pad, resize, channels first."""
+def preprocess_uint8(img: np.ndarray, size: int = SIGLIP_SIZE, out: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB → (3, size, size) uint8: pad, resize, channels first (into `out`,
+    e.g. a slot of the batch array, if given)."""
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
         raise ValueError(f"expected uint8 (H, W, 3) pixels, got {img.shape} {img.dtype}")
-    if img.shape[0] < img.shape[1] and PAD_VALUE[0] == PAD_VALUE[1] == PAD_VALUE[2]:
-        out = _pad_resize_landscape(img, size)
+    if out is not None and (out.shape != (3, size, size) or out.dtype != np.uint8):
+        raise ValueError(f"out must be uint8 (3, {size}, {size}), got {out.shape} {out.dtype}")
+    grey = PAD_VALUE[0] == PAD_VALUE[1] == PAD_VALUE[2]
+    landscape = img.shape[0] < img.shape[1] and max(img.shape[:2]) != size
+    if landscape and grey and pil_resample.available():
+        if out is not None and out.flags.c_contiguous:
+            return pil_resample.pad_resize_landscape(img, size, PAD_VALUE[0], out)
+        res = pil_resample.pad_resize_landscape(img, size, PAD_VALUE[0])
     else:
-        out = resize_bicubic(pad_to_square(img), size)
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+        if landscape and grey:
+            hwc = _pad_resize_landscape(img, size)
+        else:
+            hwc = resize_bicubic(pad_to_square(img), size)
+        res = np.ascontiguousarray(hwc.transpose(2, 0, 1))
+    if out is None:
+        return res
+    out[...] = res
+    return out
 
 
 def preprocess(img: np.ndarray, size: int = SIGLIP_SIZE) -> np.ndarray:

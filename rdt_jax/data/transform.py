@@ -57,11 +57,12 @@ class SampleTransform:
         self.spec = sample_spec(batch_cfg)
         self._background = image_transform.background(batch_cfg.image_size)
         self._load = functools.lru_cache(maxsize=embedding_cache_size)(language.load_embedding)
+        self._store_get = functools.lru_cache(maxsize=embedding_cache_size)(self.store.get) if self.store else None
 
-    def _image(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _image(self, img: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
         if self.cfg.image_aug:
             img = augment.augment(img, rng)
-        return image_transform.preprocess_uint8(img, self.batch_cfg.image_size)
+        return image_transform.preprocess_uint8(img, self.batch_cfg.image_size, out)
 
     def _language(self, raw: RawSample) -> np.ndarray:
         if raw.lang_embed_path is not None:
@@ -69,7 +70,7 @@ class SampleTransform:
         if self.store is None:
             raise ValueError(f"{raw.dataset_name}:{raw.episode_id}: instruction {raw.instruction!r} has no "
                              "precomputed embedding path and no EmbeddingStore was given")
-        return self.store.get(raw.instruction)
+        return self._store_get(raw.instruction)
 
     def __call__(self, raw: RawSample, rng: np.random.Generator) -> dict[str, np.ndarray]:
         cfg, bcfg = self.cfg, self.batch_cfg
@@ -102,12 +103,16 @@ class SampleTransform:
                 k = i * NUM_CAMERAS + j
                 keep = rng.random() >= (p_ext if j == 0 else p)
                 frames = raw.frames[j]
+                direct = images.dtype == np.uint8  # resize straight into the batch slot
                 if keep and frames.size > 0 and raw.frame_masks[j, i]:
-                    px = self._image(frames[i], rng)
+                    px = self._image(frames[i], rng, images[k] if direct else None)
                     valid[k] = True
                 else:
                     px = self._background
-                images[k] = image_transform.normalize(px) if images.dtype != np.uint8 else px
+                if not direct:
+                    images[k] = image_transform.normalize(px)
+                elif px is not images[k]:
+                    images[k] = px
 
         # 7. language: the empty embedding with prob p.
         emb = language.empty_embedding() if rng.random() < p else self._language(raw)
