@@ -193,7 +193,7 @@ class SiglipVisionTower(nnx.Module):
             x = x + (y @ lp["fc2_kernel"] + lp["fc2_bias"])
             return x, None
 
-        x, _ = jax.lax.scan(layer, x, self.layers.arrays())
+        x = _ops.scan_layers(layer, x, self.layers.arrays())
         return _ops.layer_norm(x, self.post_ln_scale[...], self.post_ln_bias[...], eps)
 
 

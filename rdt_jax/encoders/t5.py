@@ -207,7 +207,7 @@ class T5Encoder(nnx.Module):
             x = x + y @ w["wo"]
             return x, None
 
-        x, _ = jax.lax.scan(block, x, self.blocks.arrays())
+        x = _ops.scan_layers(block, x, self.blocks.arrays())
         return _ops.rms_norm(x, self.final_norm[...], eps).astype(dt)
 
 
