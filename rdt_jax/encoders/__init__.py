@@ -6,8 +6,15 @@ Both load Hugging Face checkpoints strictly and tensor by tensor (:mod:`.hf_impo
 """
 
 from rdt_jax.encoders.hf_import import CheckpointMismatchError, CheckpointReader
+from rdt_jax.encoders.image_encoding import encode_images, make_image_encoder, preprocess_images
+from rdt_jax.encoders.lang_embeddings import (
+    load_lang_embedding,
+    save_lang_embedding_pt,
+    save_lang_embedding_safetensors,
+)
 from rdt_jax.encoders.siglip import SIGLIP_SO400M_384, SiglipVisionConfig, SiglipVisionTower, load_siglip
 from rdt_jax.encoders.t5 import T5_V1_1_XXL, T5Encoder, T5EncoderConfig, load_t5
+from rdt_jax.encoders.tokenizer import load_t5_tokenizer, tokenize
 
 __all__ = [
     "SIGLIP_SO400M_384",
@@ -18,6 +25,14 @@ __all__ = [
     "SiglipVisionTower",
     "T5Encoder",
     "T5EncoderConfig",
+    "encode_images",
+    "load_lang_embedding",
     "load_siglip",
     "load_t5",
+    "load_t5_tokenizer",
+    "make_image_encoder",
+    "preprocess_images",
+    "save_lang_embedding_pt",
+    "save_lang_embedding_safetensors",
+    "tokenize",
 ]
