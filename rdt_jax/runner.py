@@ -17,7 +17,7 @@ from flax import nnx
 
 from rdt_jax.convert.pretrained_dir import read_config, read_params
 from rdt_jax.model.config import RDTConfig
-from rdt_jax.model.policy import RDTPolicy
+from rdt_jax.model.policy import RDTPolicy, init_policy
 
 
 def abstract_policy(cfg: RDTConfig) -> RDTPolicy:
@@ -25,28 +25,35 @@ def abstract_policy(cfg: RDTConfig) -> RDTPolicy:
     return nnx.eval_shape(lambda: RDTPolicy(cfg, rngs=nnx.Rngs(0)))
 
 
+# Module-level jitted entry points with the graph definition as a static argument: runners of the
+# same architecture (e.g. the same checkpoint loaded twice, or EMA and raw weights) share compiled code.
+@functools.partial(jax.jit, static_argnames=("graphdef", "capture"))
+def _denoise(graphdef, state, *args, capture=False):
+    return nnx.merge(graphdef, state).model(*args, capture=capture)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _loss(graphdef, state, *args):
+    return nnx.merge(graphdef, state).compute_loss(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "cache_cond_kv", "capture"))
+def _sample(graphdef, state, *args, num_steps=None, cache_cond_kv=True, capture=False):
+    return nnx.merge(graphdef, state).predict_action(
+        *args, num_steps=num_steps, cache_cond_kv=cache_cond_kv, capture=capture
+    )
+
+
 class RDTRunner:
     def __init__(self, policy: RDTPolicy):
         self.config: RDTConfig = policy.config
         self.graphdef, self.state = nnx.split(policy)
 
-        def call(method: str, state, *args, **kwargs):
-            return getattr(nnx.merge(self.graphdef, state), method)(*args, **kwargs)
-
-        def denoise(state, *args, capture=False):
-            return nnx.merge(self.graphdef, state).model(*args, capture=capture)
-
-        self._denoise = jax.jit(denoise, static_argnames=("capture",))
-        self._loss = jax.jit(functools.partial(call, "compute_loss"))
-        self._sample = jax.jit(
-            functools.partial(call, "predict_action"), static_argnames=("num_steps", "cache_cond_kv", "capture")
-        )
-
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, cfg: RDTConfig, *, seed: int = 0) -> RDTRunner:
         """A randomly initialised model with the official initialisation."""
-        return cls(RDTPolicy(cfg, rngs=nnx.Rngs(seed)))
+        return cls(init_policy(cfg, seed))
 
     @property
     def policy(self) -> RDTPolicy:
@@ -62,7 +69,7 @@ class RDTRunner:
     # ------------------------------------------------------------------ API
     def model(self, x, freq, t, lang_c, img_c, lang_mask=None, *, capture: bool = False):
         """The RDT denoiser: ``x`` (B, horizon+1, D) -> (B, horizon, action_dim)."""
-        return self._denoise(self.state, x, freq, t, lang_c, img_c, lang_mask, capture=capture)
+        return _denoise(self.graphdef, self.state, x, freq, t, lang_c, img_c, lang_mask, capture=capture)
 
     def compute_loss(
         self, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_gt, action_mask, ctrl_freqs,
@@ -81,7 +88,7 @@ class RDTRunner:
                 timesteps = jax.random.randint(
                     k_t, (jnp.shape(action_gt)[0],), 0, self.config.noise_scheduler.num_train_timesteps
                 )
-        return self._loss(self.state, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_gt,
+        return _loss(self.graphdef, self.state, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_gt,
                           action_mask, ctrl_freqs, noise, timesteps)
 
     def predict_action(
@@ -95,7 +102,7 @@ class RDTRunner:
                 raise ValueError("predict_action needs rng=jax.random.key(...) or an explicit initial noise")
             b = jnp.shape(state_tokens)[0]
             noise = jax.random.normal(rng, (b, self.config.pred_horizon, self.config.action_dim), jnp.float32)
-        return self._sample(self.state, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_mask,
+        return _sample(self.graphdef, self.state, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_mask,
                             ctrl_freqs, noise, num_steps=num_steps, cache_cond_kv=cache_cond_kv, capture=capture)
 
 

@@ -39,13 +39,11 @@ def run_one(model: str, precision: str, runs: int, cached: bool) -> dict:
 
     from rdt_jax.model.config import PRESETS
     from rdt_jax.model.flops import predict_action_flops
-    from rdt_jax.model.policy import RDTPolicy
+    from rdt_jax.model.policy import init_policy
 
     param_dtype, dtype = PRECISIONS[precision]
     cfg = PRESETS[model](param_dtype=param_dtype, dtype=dtype)
-    # Initialise under jit so no eager temporaries inflate the peak RSS.
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: RDTPolicy(cfg, rngs=nnx.Rngs(0))))
-    state = jax.jit(lambda: nnx.split(RDTPolicy(cfg, rngs=nnx.Rngs(0)))[1])()
+    graphdef, state = nnx.split(init_policy(cfg))
 
     rng = np.random.default_rng(0)
     lang_len = 32

@@ -2,11 +2,18 @@
 
 import os
 import pathlib
+import tempfile
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+# One on-disk XLA compilation cache for the session, shared by pytest-xdist workers and by the
+# subprocesses some tests start (same variable scripts/train.py reads), so each program compiles once.
+os.environ.setdefault("RDT_JAX_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), "rdt_jax_test_xla_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["RDT_JAX_COMPILATION_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import numpy as np
 import pytest

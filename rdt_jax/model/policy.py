@@ -6,6 +6,7 @@ Everything here is a pure function of the parameters and its inputs (randomness 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -156,3 +157,20 @@ class RDTPolicy(nnx.Module):
             "timesteps": consts[0], "step_model_input": trace[0], "step_sample_in": trace[1],
             "step_model_output": trace[2], "step_prev_sample": trace[3],
         }
+
+
+def init_policy(cfg: RDTConfig, seed: int = 0) -> RDTPolicy:
+    """A randomly initialised policy, built in one compiled program.
+
+    Equivalent to ``RDTPolicy(cfg, rngs=nnx.Rngs(seed))`` but without op-by-op dispatch, which is
+    slow on CPU and leaves large temporaries around for the full-size models.
+    """
+    graphdef, init = _compiled_init(cfg)
+    return nnx.merge(graphdef, init(jax.random.key(seed)))
+
+
+@functools.cache
+def _compiled_init(cfg: RDTConfig):
+    # One compiled initialiser per config, reused for every seed.
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: RDTPolicy(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, jax.jit(lambda key: nnx.split(RDTPolicy(cfg, rngs=nnx.Rngs(key)))[1])
