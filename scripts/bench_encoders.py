@@ -259,7 +259,7 @@ def _run_one(spec: dict, timeout_s: int) -> dict:
     wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        tail = (proc.stderr or "").strip().splitlines()[-1:]
         return dict(spec, error=f"exit {proc.returncode}: {' | '.join(tail)}", wall_s=wall)
     return dict(spec, **json.loads(lines[-1]), wall_s=wall)
 
