@@ -32,6 +32,36 @@ def _expand_aliases(argv: list[str]) -> list[str]:
     return out
 
 
+def print_summary(summary: dict) -> None:
+    """What the run did (loss and validation error, first vs last) and where everything was written."""
+    out = pathlib.Path(summary["output_dir"])
+    losses = summary["losses"]
+    m, s = divmod(int(summary.get("wall_s", 0)), 60)
+    print(f"\n[rdt-jax] done: steps {summary['start_step']} -> {summary['final_step']} in {m}m{s:02d}s")
+    if len(losses) >= 10:
+        k = max(1, len(losses) // 10)  # averages over a tenth of the run: single steps are noisy
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        print(f"[rdt-jax] training loss (mean of {k} steps): first {first:.4f} -> last {last:.4f} "
+              f"({last / first:.1%} of the start)")
+    history = summary.get("validation_history") or []
+    if history:
+        (s0, v0), (s1, v1) = history[0], history[-1]
+        for name in v1:
+            if name.startswith("overall_"):
+                ratio = f" ({v1[name] / v0[name]:.1%} of the start)" if len(history) > 1 and v0[name] else ""
+                print(f"[rdt-jax] validation {name}: step {s0} {v0[name]:.4f} -> step {s1} {v1[name]:.4f}{ratio}")
+    print(f"[rdt-jax] output directory   {out}")
+    print(f"[rdt-jax]   checkpoints      {summary['checkpoints']}  (--resume continues from the latest)")
+    print(f"[rdt-jax]   metrics          {out / 'metrics.jsonl'}")
+    if (out / "tensorboard").is_dir():
+        print(f"[rdt-jax]   TensorBoard      tensorboard --logdir {out / 'tensorboard'}")
+    pngs = sorted((out / "validation").glob("*.png")) if (out / "validation").is_dir() else []
+    if pngs:
+        print(f"[rdt-jax]   validation plots {out / 'validation'} (latest: {pngs[-1].name})")
+    if summary["exported"]:
+        print(f"[rdt-jax]   inference model  {out}  (rdt_jax.load_pretrained('{out}'); EMA in {out / 'ema'})")
+
+
 def main(argv: list[str] | None = None) -> int:
     import tyro
 
@@ -47,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     cache = os.environ.get("RDT_JAX_COMPILATION_CACHE", str(pathlib.Path.home() / ".cache" / "rdt_jax" / "xla"))
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own variable wins
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
     from rdt_jax.training.loop import NonFiniteLossError, train
 
@@ -56,25 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"[rdt-jax] ERROR: {e}", file=sys.stderr, flush=True)
         return 3
-    out = pathlib.Path(summary["output_dir"])
-    losses = summary["losses"]
     if jax.process_index() == 0:
-        print(f"\n[rdt-jax] done: steps {summary['start_step']} -> {summary['final_step']}")
-        if len(losses) >= 10:
-            k = max(1, len(losses) // 10)
-            print(f"[rdt-jax] loss: first {k} steps {sum(losses[:k]) / k:.4f} -> last {k} steps "
-                  f"{sum(losses[-k:]) / k:.4f}")
-        for name, v in (summary["validation"] or {}).items():
-            print(f"[rdt-jax] validation {name} = {v}")
-        print(f"[rdt-jax] output directory   {out}")
-        print(f"[rdt-jax]   checkpoints      {summary['checkpoints']}")
-        print(f"[rdt-jax]   metrics          {out / 'metrics.jsonl'}  (TensorBoard: {out / 'tensorboard'})")
-        if (out / "validation").is_dir():
-            pngs = sorted((out / "validation").glob("*.png"))
-            if pngs:
-                print(f"[rdt-jax]   validation plot  {pngs[-1]}")
-        if summary["exported"]:
-            print(f"[rdt-jax]   inference model  {out}  (rdt_jax.load_pretrained('{out}'); EMA in {out / 'ema'})")
+        print_summary(summary)
     return 0
 
 

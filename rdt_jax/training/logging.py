@@ -10,6 +10,27 @@ from typing import Any
 from rdt_jax.training.config import LogConfig
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch when PyTorch is not loaded yet.
+
+    tensorboardX tries ``import torch`` only to annotate its arguments (we pass floats and NumPy
+    images); where torch is installed that import costs ~3 s of start-up. A ``None`` entry in
+    ``sys.modules`` makes that import fail fast; it is removed again so later code can import torch.
+    """
+    import sys
+
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     def __init__(self, output_dir: str | pathlib.Path, cfg: LogConfig, run_config: dict[str, Any],
                  *, enabled: bool = True):
@@ -20,9 +41,7 @@ class MetricWriter:
             return
         self._jsonl = open(self.dir / "metrics.jsonl", "a")  # closed in close()
         if cfg.tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            self._tb = _summary_writer_class()(str(self.dir / "tensorboard"))
         if cfg.wandb:
             import os
 

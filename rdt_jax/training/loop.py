@@ -16,10 +16,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
-from rdt_jax.runner import abstract_policy
 from rdt_jax.training import checkpoints as ckpt
 from rdt_jax.training.config import TrainConfig
 from rdt_jax.training.data import DataBundle, build_data
@@ -29,6 +27,7 @@ from rdt_jax.training.metrics import validation as val
 from rdt_jax.training.optimizer import make_optimizer
 from rdt_jax.training.sharding import batch_sharding
 from rdt_jax.training.train_step import (
+    abstract_params,
     init_params,
     init_state,
     make_image_encoder,
@@ -67,6 +66,7 @@ def _config_json(cfg: TrainConfig) -> dict[str, Any]:
 def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = None) -> dict[str, Any]:
     """Runs (or resumes) ``cfg``; returns a summary. ``batch_hook(step, batch)`` may alter host batches
     (tests inject faults with it)."""
+    t_start = time.perf_counter()
     # ---- devices
     maybe_initialize_distributed(cfg.mesh)
     mesh = make_mesh(cfg.mesh)
@@ -106,9 +106,8 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
 
     # ---- state: resumed from the latest committed checkpoint, or fresh
     mngr = ckpt.make_manager(out / "checkpoints", cfg.checkpoint)
-    abstract_params = nnx.state(abstract_policy(rcfg), nnx.Param).to_pure_dict()
     fresh = lambda params: init_state(params, tx, cfg.seed, cfg.ema_enabled)
-    abstract = jax.eval_shape(fresh, abstract_params)
+    abstract = jax.eval_shape(fresh, abstract_params(rcfg))
     shardings = state_shardings(abstract, mesh)
     latest = mngr.latest_step() if cfg.resume else None
     if latest is not None:
@@ -177,7 +176,14 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     pending = host_batch
     step = start
     last_val: dict[str, float] = {}
+    val_history: list[tuple[int, dict[str, float]]] = []
     try:
+        if cfg.validation.every > 0 and cfg.validation.at_start and start == 0:
+            last_val = validate(0)
+            val_history.append((0, last_val))
+            writer.write(0, last_val)
+            if pbar is not None:
+                pbar.write("[validation @ 0] " + ", ".join(f"{k}={v}" for k, v in last_val.items()))
         while step < cfg.num_steps:
             host = pending if pending is not None else step_batch(next(train_iter), with_images=True)
             pending = None
@@ -208,6 +214,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
                 ckpt.save(mngr, step, state, train_iter.get_state(), {**meta, "step": step})
             if cfg.validation.every > 0 and (step % cfg.validation.every == 0 or step == cfg.num_steps):
                 last_val = validate(step)
+                val_history.append((step, last_val))
                 writer.write(step, last_val)
                 if pbar is not None:
                     pbar.write(f"[validation @ {step}] " + ", ".join(f"{k}={v}" for k, v in last_val.items()))
@@ -227,5 +234,6 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
                 "dataset_stat.json": json.dumps(data.stats, indent=2) + "\n"})
     mngr.close()
     summary = {"output_dir": str(out), "start_step": start, "final_step": step, "losses": losses,
-               "validation": last_val, "checkpoints": str(mngr.directory), "exported": str(exported or "")}
+               "validation": last_val, "validation_history": val_history, "checkpoints": str(mngr.directory),
+               "exported": str(exported or ""), "wall_s": time.perf_counter() - t_start}
     return summary

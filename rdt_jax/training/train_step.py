@@ -12,6 +12,7 @@ mesh shape, and any resume point, sees the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,22 @@ STEP_KEYS = ("lang_embeds", "lang_attn_mask", "states", "actions", "state_elem_m
 
 
 # ------------------------------------------------------------------ model + image encoder
+@functools.lru_cache(maxsize=8)
+def _abstract_policy(rcfg: RDTConfig) -> RDTPolicy:
+    # Cached: building it traces the whole model (~1 s on a CPU), and the loop, the train step and the
+    # sample step all need it. Only read (graphdef / state), never modified.
+    return abstract_policy(rcfg)
+
+
+def model_graphdef(rcfg: RDTConfig) -> Any:
+    return nnx.graphdef(_abstract_policy(rcfg))
+
+
+def abstract_params(rcfg: RDTConfig) -> dict:
+    """The parameters as a pure dict of ShapeDtypeStructs."""
+    return nnx.state(_abstract_policy(rcfg), nnx.Param).to_pure_dict()
+
+
 def rdt_config(m: ModelConfig, *, img_cond_len: int, max_lang_len: int) -> RDTConfig:
     """The RDTConfig of a run. ``tiny`` shrinks the condition tables to what the data produces."""
     kw: dict[str, Any] = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
@@ -102,8 +119,7 @@ def init_params(rcfg: RDTConfig, seed: int, init_from: str | None = None) -> dic
     if init_from is not None:
         from rdt_jax.convert.pretrained_dir import read_params
 
-        abstract = nnx.state(abstract_policy(rcfg), nnx.Param).to_pure_dict()
-        return read_params(init_from, abstract)
+        return read_params(init_from, abstract_params(rcfg))
     # Under jit: one compiled initialiser instead of hundreds of eagerly dispatched ops.
     return jax.jit(lambda: nnx.state(RDTPolicy(rcfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict())()
 
@@ -148,7 +164,7 @@ def make_train_step(
 ) -> Callable:
     """``step(state, enc_params, batch) -> (state, metrics)``, jitted with explicit shardings; ``state`` is
     donated (its buffers are reused for the new state, so params/moments are never held twice)."""
-    graphdef = nnx.graphdef(abstract_policy(rcfg))
+    graphdef = model_graphdef(rcfg)
     num_t = rcfg.noise_scheduler.num_train_timesteps
     k = grad_accum
 
@@ -206,7 +222,7 @@ def make_train_step(
 
 def make_sample_step(rcfg: RDTConfig, mesh: Mesh, encoder: ImageEncoder | None, num_steps: int | None) -> Callable:
     """``sample(params, enc_params, batch, noise) -> actions`` (DPM-Solver++, as the official validation)."""
-    graphdef = nnx.graphdef(abstract_policy(rcfg))
+    graphdef = model_graphdef(rcfg)
 
     def sample(params, enc_params, batch, noise):
         img = encoder.encode(enc_params, batch["images"]) if encoder is not None else batch["img_tokens"]

@@ -4,6 +4,7 @@ layout, NaN stop; and a two-process jax.distributed train step on 127.0.0.1."""
 import json
 import os
 import pathlib
+import pickle
 import signal
 import subprocess
 import sys
@@ -17,15 +18,21 @@ import pytest
 import rdt_jax
 from rdt_jax.training.config import PRESETS, CheckpointConfig
 from rdt_jax.training.loop import NonFiniteLossError, train
+from tests.training import tiny
+from tests.training.conftest import CACHE_ENV
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, str(REPO / "scripts" / "train.py"), "debug", "--log.no-progress-bar"]
-N = 16
+N, SAVE = 16, "4"
+ENV = dict(os.environ, **CACHE_ENV)
+
+
+def _cmd(out, *args):
+    return [*TRAIN, "--output-dir", str(out), "--save-every", SAVE, *args]
 
 
 def _run(out, *args, timeout=300):
-    p = subprocess.run([*TRAIN, "--output-dir", str(out), *args], capture_output=True, text=True, timeout=timeout,
-                       cwd=REPO)
+    p = subprocess.run(_cmd(out, *args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=ENV)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
@@ -33,6 +40,11 @@ def _run(out, *args, timeout=300):
 def _losses(out) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def _committed(out) -> list[int]:
+    ck = pathlib.Path(out) / "checkpoints"
+    return sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) if ck.is_dir() else []
 
 
 def _ckpt_state(out, step):
@@ -47,22 +59,27 @@ def _assert_same_tree(a, b):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    _run(out, "--num-steps", str(N), "--save-every", "2")
-    return out
+def runs(tmp_path_factory):
+    """The uninterrupted reference run (N steps) and the first leg of the interrupted run (a clean stop
+    after 6 steps), started together: they are independent and the machine has two cores."""
+    ref, chain = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("chain")
+    # The reference keeps 3 checkpoints so that the interrupted run's intermediate ones can be compared.
+    cmds = [_cmd(ref, "--num-steps", str(N), "--checkpoint.max-to-keep", "3"), _cmd(chain, "--num-steps", "6")]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=ENV)
+             for c in cmds]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, o in zip(procs, outs, strict=True):
+        assert p.returncode == 0, o[-4000:]
+    return ref, chain
 
 
-def _check_same_as_reference(out, reference):
-    ref = dict(_losses(reference))
-    got = _losses(out)
-    assert {s for s, _ in got} == set(range(1, N + 1))
-    for step, loss in got:  # every logged loss, including steps redone after a kill, is bit-identical
-        assert loss == ref[step], (step, loss, ref[step])
-    _assert_same_tree(_ckpt_state(out, N), _ckpt_state(reference, N))
-
-
-def test_debug_run_exports_loadable_inference_dir(reference):
+def test_debug_run_exports_loadable_inference_dir(runs):
+    reference, _ = runs
     runner = rdt_jax.load_pretrained(reference)
     final = _ckpt_state(reference, N)["params"]
     got = runner.param_dict()
@@ -71,23 +88,25 @@ def test_debug_run_exports_loadable_inference_dir(reference):
     np.testing.assert_array_equal(got["lang_adaptor"]["layers"][0]["kernel"],
                                   final["lang_adaptor"]["layers"]["0"]["kernel"])
     assert (reference / "ema" / "config.json").is_file() and (reference / "dataset_stat.json").is_file()
-    assert sorted(int(p.name) for p in (reference / "checkpoints").iterdir() if p.name.isdigit()) == [N - 2, N]
+    assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
+    assert _committed(reference) == [N - 8, N - 4, N]  # saved every 4, max_to_keep 3: step 4 was pruned
 
 
-def test_exact_resume_after_clean_stop(tmp_path, reference):
-    _run(tmp_path, "--num-steps", "6", "--save-every", "2")
-    _run(tmp_path, "--num-steps", str(N), "--save-every", "2", "--resume")
-    _check_same_as_reference(tmp_path, reference)
+def test_exact_resume_after_clean_stop_and_after_kill_9(runs):
+    """One run interrupted twice: a clean stop after step 6, then a resumed leg killed with SIGKILL right
+    after its first new checkpoint is committed, then resumed to N. Every logged loss (steps redone after
+    the kill included) and every checkpoint must be bit-identical to the uninterrupted reference."""
+    reference, out = runs
+    ref = dict(_losses(reference))
+    assert _committed(out) == [4, 6]  # the clean stop saved its final step
 
-
-def test_exact_resume_after_kill_9(tmp_path, reference):
-    proc = subprocess.Popen([*TRAIN, "--output-dir", str(tmp_path), "--num-steps", "100000", "--save-every", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    ck = tmp_path / "checkpoints"
+    # Leg 2: resume from the clean stop, kill -9 as soon as a checkpoint after step 6 is renamed into place.
+    proc = subprocess.Popen(_cmd(out, "--num-steps", "100000", "--resume"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=REPO, env=ENV)
     deadline = time.time() + 240
     try:
-        while time.time() < deadline:  # kill as soon as one checkpoint is committed (renamed into place)
-            if ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir()):
+        while time.time() < deadline:
+            if any(s > 6 for s in _committed(out)):
                 break
             assert proc.poll() is None, "training exited early"
             time.sleep(0.02)
@@ -96,10 +115,19 @@ def test_exact_resume_after_kill_9(tmp_path, reference):
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    committed = sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit())
-    assert committed and committed[-1] < N, f"killed too late (checkpoints {committed}); raise N"
-    _run(tmp_path, "--num-steps", str(N), "--save-every", "2", "--resume")
-    _check_same_as_reference(tmp_path, reference)
+    after_clean_stop = [s for s in _committed(out) if s > 6]
+    assert after_clean_stop and after_clean_stop[-1] < N, f"killed too late (checkpoints {after_clean_stop}); raise N"
+    # exact after the clean stop: the resumed leg's checkpoints equal the reference's at the same steps
+    for s in after_clean_stop:
+        _assert_same_tree(_ckpt_state(out, s), _ckpt_state(reference, s))
+
+    # Leg 3: resume after the kill, to N.
+    _run(out, "--num-steps", str(N), "--resume")
+    got = _losses(out)
+    assert {s for s, _ in got} == set(range(1, N + 1))
+    for step, loss in got:  # every logged loss, including steps redone after the kill, is bit-identical
+        assert loss == ref[step], (step, loss, ref[step])
+    _assert_same_tree(_ckpt_state(out, N), _ckpt_state(reference, N))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -122,16 +150,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 WORKER = r'''
-import os, sys, json
+import os, sys, json, pickle
 sys.path.insert(0, sys.argv[4])
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.config.update("jax_compilation_cache_dir", os.environ["RDT_JAX_COMPILATION_CACHE"])
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 import numpy as np
 from tests.training import tiny
 from rdt_jax.training.loop import _to_global
 setup = tiny.setup()
-mesh, state, step, _ = tiny.build(*setup, (2, 2), devices=jax.devices())
+with open(sys.argv[5], "rb") as f:  # the parent's initial params: no initialiser to compile here
+    params = pickle.load(f)
+mesh, state, step, _ = tiny.build(*setup, (2, 2), devices=jax.devices(), params=params)
 pid = jax.process_index()
 losses = []
 for i in range(2):
@@ -151,9 +182,12 @@ def test_two_processes_on_loopback_agree(tmp_path):
     port = portpicker.pick_unused_port()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    params = tmp_path / "params.pkl"
+    params.write_bytes(pickle.dumps(tiny.initial_params(tiny.setup()[0])))
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), str(tmp_path / f"{i}.json"),
-                               str(REPO)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               str(REPO), str(params)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
              for i in range(2)]
     try:
         outs = [p.communicate(timeout=240)[0] for p in procs]

@@ -37,14 +37,34 @@ def batch(seed: int = 0, b: int = B) -> dict[str, np.ndarray]:
     }
 
 
-def build(rcfg, tx, schedule, mesh_shape: tuple[int, int], *, grad_accum: int = 1, b: int = B, devices=None):
+_PARAMS: dict = {}
+
+
+def initial_params(rcfg) -> dict:
+    """The seed-0 initial parameters as host arrays, initialised once per process (compiling the
+    initialiser costs seconds; every build starts from these same values anyway)."""
+    if rcfg not in _PARAMS:
+        _PARAMS[rcfg] = jax.device_get(init_params(rcfg, 0))
+    return _PARAMS[rcfg]
+
+
+def build(rcfg, tx, schedule, mesh_shape: tuple[int, int], *, grad_accum: int = 1, b: int = B, devices=None,
+          params=None):
     mesh = make_mesh(MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1]),
                      devices if devices is not None else jax.devices()[: mesh_shape[0] * mesh_shape[1]])
-    params = init_params(rcfg, 0)
+    params = initial_params(rcfg) if params is None else params
     fresh = lambda p: init_state(p, tx, 0, True)
     abstract = jax.eval_shape(fresh, params)
     shardings = state_shardings(abstract, mesh)
     state = jax.jit(fresh, out_shardings=shardings)(params)
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch(0, b).items()}
-    step = make_train_step(rcfg, tx, schedule, rcfg.ema, mesh, abstract, shapes, None, grad_accum=grad_accum)
-    return mesh, state, step, shardings
+    key = (rcfg, id(tx), tuple(d.id for d in mesh.devices.flat), mesh_shape, grad_accum, b)
+    if key not in _STEPS:  # one compiled step per configuration and process
+        shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch(0, b).items()}
+        step = make_train_step(rcfg, tx, schedule, rcfg.ema, mesh, abstract, shapes, None, grad_accum=grad_accum)
+        abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                      abstract, shardings)
+        _STEPS[key] = (tx, step.lower(abstract_state, None, shapes).compile())
+    return mesh, state, _STEPS[key][1], shardings
+
+
+_STEPS: dict = {}  # values keep tx alive, so its id() in the key is not reused
