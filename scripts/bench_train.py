@@ -49,6 +49,7 @@ def run_case(case: str, steps: int, mu_dtype: str) -> dict:
     import numpy as np
 
     from rdt_jax.model.config import PRESETS
+    from rdt_jax.model.flops import train_step_flops
     from rdt_jax.training.config import MeshConfig, OptimConfig
     from rdt_jax.training.mesh import make_mesh
     from rdt_jax.training.optimizer import make_optimizer
@@ -80,9 +81,9 @@ def run_case(case: str, steps: int, mu_dtype: str) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, None, dev_batch).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", float("nan")))
+    # Analytic count (MODEL.md §10 convention, forward + backward = 3x forward). XLA's cost
+    # analysis counts a scanned loop body once, so it undercounts the stacked blocks.
+    flops = train_step_flops(rcfg, 32, b)
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
