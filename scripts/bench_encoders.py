@@ -31,21 +31,16 @@ from typing import Literal
 import numpy as np
 import tyro
 
+from rdt_jax.encoders.siglip import SIGLIP_SO400M_384
+from rdt_jax.encoders.t5 import T5_V1_1_XXL
+
 Model = Literal["siglip", "t5"]
 DType = Literal["float32", "bfloat16"]
 Framework = Literal["jax", "torch"]
 
-SO400M = dict(
-    hidden_size=1152,
-    intermediate_size=4304,
-    num_hidden_layers=27,
-    num_attention_heads=16,
-    image_size=384,
-    patch_size=14,
-)
-T5_XXL = dict(
-    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"
-)
+# The published configs, as keyword arguments for transformers' PyTorch models (same field names).
+SO400M = dataclasses.asdict(SIGLIP_SO400M_384)
+T5_XXL = dataclasses.asdict(T5_V1_1_XXL)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,3 +81,8 @@ def scan_layers(
 
     x, _ = jax.lax.scan(step, x, packed)
     return x
+
+
+def param_arrays(module: nnx.Module) -> dict[str, jax.Array]:
+    """A stacked-layer module's own parameters by attribute name, as arrays for ``scan_layers``."""
+    return {k: v[...] for k, v in vars(module).items() if isinstance(v, nnx.Param)}

@@ -129,7 +129,7 @@ class _Layers(nnx.Module):
         self.fc2_bias = p(zeros, (n, d), ("layers", "embed"))
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+        return _ops.param_arrays(self)
 
 
 class SiglipVisionTower(nnx.Module):

@@ -145,7 +145,7 @@ class _Blocks(nnx.Module):
         self.wo = p(f**-0.5, (n, f, d), ("layers", "mlp", "embed"))
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+        return _ops.param_arrays(self)
 
 
 class T5Encoder(nnx.Module):
