@@ -88,7 +88,8 @@ class SafetensorsReader:
         return out
 
 
-def _torch_to_numpy(t: Any) -> np.ndarray:
+def torch_to_numpy(t: Any) -> np.ndarray:
+    """A CPU tensor as NumPy without rounding; bfloat16 bits reinterpreted as ml_dtypes.bfloat16."""
     import torch
 
     t = t.detach().cpu().contiguous()
@@ -134,7 +135,7 @@ class TorchReader:
 
     def get(self, key: str) -> np.ndarray:
         try:
-            return _torch_to_numpy(self._tensors[key])
+            return torch_to_numpy(self._tensors[key])
         except Exception as e:
             raise WeightFileError(f"{self.path}: cannot read tensor {key!r} ({e})") from e
 

@@ -35,6 +35,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from rdt_jax.convert.weights_io import torch_to_numpy
+
 __all__ = [
     "CheckpointMismatchError",
     "CheckpointReader",
@@ -134,15 +136,6 @@ def read_safetensors(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], d
     return out, dict(metadata)
 
 
-def _torch_to_numpy(t: Any) -> np.ndarray:
-    import torch  # only for .bin checkpoints
-
-    if t.dtype == torch.bfloat16:
-        # numpy has no bfloat16: reinterpret the bits as ml_dtypes.bfloat16 (no rounding).
-        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.contiguous().numpy()
-
-
 class CheckpointReader:
     """Lists and reads the tensors of a Hugging Face model directory one at a time."""
 
@@ -187,7 +180,7 @@ class CheckpointReader:
         """One tensor as a numpy array in its stored dtype (a view into the mmap where possible)."""
         info = self.entries[key]
         if self.format == "bin":
-            return _torch_to_numpy(self._bin[info.file][key])
+            return torch_to_numpy(self._bin[info.file][key])
         mm = self._mmaps.get(info.file)
         if mm is None:
             mm = self._mmaps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
