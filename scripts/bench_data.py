@@ -106,16 +106,22 @@ def _bcfg(image_dtype: str) -> BatchConfig:
 
 
 def bench_stages(name: str, src, tf: SampleTransform, n: int) -> dict[str, float]:
-    """CPU ms per sample (this thread only) of source.get and of the transform."""
-    rngs = [np.random.default_rng([0, i]) for i in range(n + 2)]
-    tf(src.get(0, rngs[0]), rngs[0])  # warm caches (kernel build, coefficients, episode cache)
-    c0 = time.thread_time()
-    raws = [src.get(i, rngs[i]) for i in range(1, n + 1)]
-    c1 = time.thread_time()
-    for i, r in enumerate(raws):
-        tf(r, rngs[i])
-    c2 = time.thread_time()
-    return {"get_ms": (c1 - c0) / n * 1e3, "transform_ms": (c2 - c1) / n * 1e3}
+    """CPU ms per sample (this thread only) of source.get and of the transform.
+
+    Get and transform alternate per sample, as in the pipeline: holding all raw samples first
+    would time fresh-memory page faults (~5 MB of frames each) instead of the work."""
+    tf(src.get(0, np.random.default_rng([0, 0])), np.random.default_rng([0, 0]))  # warm caches
+    get_s = transform_s = 0.0
+    for i in range(1, n + 1):
+        rng = np.random.default_rng([0, i])
+        c0 = time.thread_time()
+        raw = src.get(i, rng)
+        c1 = time.thread_time()
+        tf(raw, rng)
+        get_s += c1 - c0
+        transform_s += time.thread_time() - c1
+        del raw
+    return {"get_ms": get_s / n * 1e3, "transform_ms": transform_s / n * 1e3}
 
 
 def bench_grain(sources: dict, tf: SampleTransform, bcfg: BatchConfig, batches: int, threads: int

@@ -6,6 +6,12 @@ sample with the official semantics: episode ∝ usable length, step uniform in
 [first_idx − 1, T − 1], `horizon` recorded actions padded by repeating the last, 2-frame
 camera histories with validity masks, one instruction variant chosen uniformly.
 
+Sampling cost: per sample only the 2 JPEG rows of each camera are read from the file. The
+raw qpos/action arrays of recently used episodes are kept in memory (an LRU of
+`episode_cache_size` episodes, read and checked once per episode), and every reader thread
+keeps its recently used files open (`max_open_files` per thread, with their dataset objects
+and layouts): opening a file and looking up datasets cost more than the reads themselves.
+
 Deviations from the official loader, on purpose: files are sorted (not `os.walk` order);
 bad files are reported by name (or skipped and counted with `skip_bad_episodes=True`) instead
 of aborting start-up or being retried silently.
@@ -13,12 +19,14 @@ of aborting start-up or being retried silently.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import pathlib
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -120,6 +128,45 @@ def frame_bytes_layout(ds: h5py.Dataset) -> str:
     raise ValueError(f"unsupported image dataset layout {ds.shape} {ds.dtype}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _EpisodeArrays:
+    """The raw (file dtype) state and action arrays of one episode, checked once when read."""
+
+    qpos: np.ndarray  # (T, len(state_names))
+    action: np.ndarray  # (T, len(action_names))
+
+
+class _OpenFiles:
+    """One reader thread's recently used open files: path → (file, {key: (dataset, layout)}).
+
+    Per thread, so evicting (closing) a file can never pull it from under another thread;
+    tied to the process id, so a forked worker opens its own handles."""
+
+    def __init__(self, max_open: int):
+        self.pid = os.getpid()
+        self.max_open = max_open
+        self.files: collections.OrderedDict[str, tuple[h5py.File, dict[str, tuple[h5py.Dataset, str]]]] = (
+            collections.OrderedDict())
+
+    def get(self, path: str) -> tuple[h5py.File, dict[str, tuple[h5py.Dataset, str]]]:
+        hit = self.files.get(path)
+        if hit is not None:
+            self.files.move_to_end(path)
+            return hit
+        try:
+            f = h5py.File(path, "r")
+        except OSError as err:
+            raise EpisodeError(f"{path}: cannot open HDF5 file: {err}") from err
+        self.files[path] = hit = (f, {})
+        while len(self.files) > self.max_open:
+            self.files.popitem(last=False)[1][0].close()
+        return hit
+
+    def close(self) -> None:
+        while self.files:
+            self.files.popitem()[1][0].close()
+
+
 def _element_buffer(el: Any) -> np.ndarray:
     # vlen uint8 → ndarray; opaque → np.void; fixed bytes → np.bytes_ (trailing NULs dropped,
     # harmless after the JPEG end marker). All reinterpreted as raw bytes.
@@ -143,9 +190,17 @@ class HDF5Source:
         index_cache: str | os.PathLike | None = None,
         check_images: bool = True,
         load_instructions: bool = True,
+        episode_cache_size: int = 512,
+        max_open_files: int = 32,
     ):
-        """`check_images`/`load_instructions` = False for state-only use (statistics)."""
+        """`check_images`/`load_instructions` = False for state-only use (statistics).
+        `episode_cache_size`: episodes whose qpos/action stay in memory (~T · 112 bytes each
+        for 14-dim float32); `max_open_files`: open files kept per reader thread."""
+        if episode_cache_size < 1 or max_open_files < 1:
+            raise ValueError("episode_cache_size and max_open_files must be ≥ 1")
         self.robot = robot
+        self.episode_cache_size = episode_cache_size
+        self.max_open_files = max_open_files
         self.dataset_name = robot.dataset_name
         self.skip_bad_episodes = skip_bad_episodes
         self.check_images = check_images
@@ -157,6 +212,7 @@ class HDF5Source:
         self._action_div = robot.action_divisor_array
         self.state_elem_mask = action_space.mask_of(robot.state_names)
         self._instructions: dict[str, dict[str, Any]] = {}
+        self._init_caches()
         self.report = ScanReport()
         self.episodes = self._scan(index_cache)
         if not self.episodes:
@@ -166,6 +222,81 @@ class HDF5Source:
         self._cum_weights = np.cumsum(w)
         if self.report.skipped:
             log.warning("%s: skipped episodes %s", self.dataset_name, self.report.counts())
+
+    # ---------------------------------------------------------------- caches
+    def _init_caches(self) -> None:
+        self._arrays: collections.OrderedDict[int, _EpisodeArrays] = collections.OrderedDict()
+        self._arrays_lock = threading.Lock()
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open files, locks and thread-locals do not pickle (e.g. to multiprocessing workers):
+        # a copy starts with empty caches.
+        state = self.__dict__.copy()
+        for k in ("_arrays", "_arrays_lock", "_local"):
+            del state[k]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_caches()
+
+    def close(self) -> None:
+        """Close the files the calling thread keeps open (others close theirs when they end)."""
+        files = getattr(self._local, "files", None)
+        if files is not None:
+            files.close()
+            del self._local.files
+
+    def _open(self, path: str) -> tuple[h5py.File, dict[str, tuple[h5py.Dataset, str]]]:
+        files = getattr(self._local, "files", None)
+        if files is None or files.pid != os.getpid():
+            files = self._local.files = _OpenFiles(self.max_open_files)
+        return files.get(path)
+
+    def _dataset(self, path: str, key: str) -> tuple[h5py.Dataset, str]:
+        """The dataset `key` of the open file `path` and its frame layout (looked up once)."""
+        f, datasets = self._open(path)
+        hit = datasets.get(key)
+        if hit is None:
+            if key not in f:
+                raise EpisodeError(f"{path}: missing key {key!r}")
+            ds = f[key]
+            try:
+                hit = datasets[key] = (ds, frame_bytes_layout(ds))
+            except ValueError as e:
+                raise EpisodeError(f"{path}: {key!r}: {e}") from e
+        return hit
+
+    def _episode_arrays(self, episode: int) -> _EpisodeArrays:
+        """qpos/action of an episode, from the LRU or read (and checked) now."""
+        with self._arrays_lock:
+            hit = self._arrays.get(episode)
+            if hit is not None:
+                self._arrays.move_to_end(episode)
+                return hit
+        hit = self._read_arrays(self.episodes[episode])  # outside the lock: I/O
+        with self._arrays_lock:
+            self._arrays[episode] = hit
+            while len(self._arrays) > self.episode_cache_size:
+                self._arrays.popitem(last=False)
+        return hit
+
+    def _read_arrays(self, ep: EpisodeInfo) -> _EpisodeArrays:
+        # The same checks as the scan: the file may have changed since (or the scan came from
+        # the index cache), and a bad value must name the file, key and step.
+        r, path = self.robot, ep.path
+        f, _ = self._open(path)
+        out = []
+        for key, names in ((r.state_key, r.state_names), (r.action_key, r.action_names)):
+            a = _read(f, key, path)
+            if a.ndim != 2 or a.shape != (ep.num_steps, len(names)):
+                raise EpisodeError(f"{path}: {key!r} has shape {a.shape}, expected ({ep.num_steps}, {len(names)}) "
+                                   "(file changed since it was scanned?)")
+            _check_finite(a, path, key)
+            a.setflags(write=False)
+            out.append(a)
+        return _EpisodeArrays(qpos=out[0], action=out[1])
 
     # ------------------------------------------------------------------ scan
     def _fingerprint(self) -> str:
@@ -243,7 +374,7 @@ class HDF5Source:
                 except ValueError as e:
                     raise EpisodeError(f"{path}: {key!r}: {e}") from e
                 if self.check_images and num_steps:
-                    self._read_frames(f, key, path, 0, 1)
+                    self._read_frames(ds, frame_bytes_layout(ds), key, path, 0, 1)
             if num_steps < r.min_episode_len:
                 return "too_short"
             first_idx = first_movement(qpos, r.first_move_threshold)
@@ -277,10 +408,12 @@ class HDF5Source:
         self._instructions[d] = content
 
     # ---------------------------------------------------------------- sample
-    def _read_frames(self, f: h5py.File, key: str, path: str, start: int, stop: int) -> list[np.ndarray]:
-        ds = f[key]
-        layout = frame_bytes_layout(ds)
-        raw = ds[start:stop]
+    def _read_frames(self, ds: h5py.Dataset, layout: str, key: str, path: str, start: int, stop: int
+                     ) -> list[np.ndarray]:
+        try:
+            raw = ds[start:stop]  # one read for all the frames
+        except (OSError, ValueError, TypeError) as e:
+            raise EpisodeError(f"{path}: cannot read {key!r} steps [{start}, {stop}) ({e})") from e
         out = []
         for t, el in zip(range(start, stop), raw, strict=True):
             where = f"{path}: {key!r} step {t}"
@@ -331,27 +464,22 @@ class HDF5Source:
         path = ep.path
         if not ep.first_idx - 1 <= step_id < ep.num_steps:
             raise IndexError(f"{path}: step {step_id} outside [{ep.first_idx - 1}, {ep.num_steps})")
-        try:
-            f = h5py.File(path, "r")
-        except OSError as err:
-            raise EpisodeError(f"{path}: cannot open HDF5 file: {err}") from err
-        with f:
-            state = _read(f, r.state_key, path, slice(step_id, step_id + 1)) / self._state_div
-            actions = _read(f, r.action_key, path, slice(step_id, step_id + r.horizon)) / self._action_div
-            _check_finite(state, path, r.state_key)
-            _check_finite(actions, path, r.action_key)
-            frames, masks = [], []
-            valid_len = min(step_id - (ep.first_idx - 1) + 1, IMG_HISTORY)
-            time_mask = np.array([False] * (IMG_HISTORY - valid_len) + [True] * valid_len)
-            for key in r.camera_keys:
-                if key is None:
-                    frames.append(np.zeros((IMG_HISTORY, 0, 0, 3), np.uint8))
-                    masks.append(np.zeros(IMG_HISTORY, bool))
-                    continue
-                imgs = self._read_frames(f, key, path, max(step_id - IMG_HISTORY + 1, 0), step_id + 1)
-                imgs = [imgs[0]] * (IMG_HISTORY - len(imgs)) + imgs  # repeat the first frame in front
-                frames.append(np.stack(imgs))
-                masks.append(time_mask)
+        arrays = self._episode_arrays(episode)
+        state = arrays.qpos[step_id:step_id + 1] / self._state_div
+        actions = arrays.action[step_id:step_id + r.horizon] / self._action_div
+        frames, masks = [], []
+        valid_len = min(step_id - (ep.first_idx - 1) + 1, IMG_HISTORY)
+        time_mask = np.array([False] * (IMG_HISTORY - valid_len) + [True] * valid_len)
+        for key in r.camera_keys:
+            if key is None:
+                frames.append(np.zeros((IMG_HISTORY, 0, 0, 3), np.uint8))
+                masks.append(np.zeros(IMG_HISTORY, bool))
+                continue
+            ds, layout = self._dataset(path, key)
+            imgs = self._read_frames(ds, layout, key, path, max(step_id - IMG_HISTORY + 1, 0), step_id + 1)
+            imgs = [imgs[0]] * (IMG_HISTORY - len(imgs)) + imgs  # repeat the first frame in front
+            frames.append(np.stack(imgs))
+            masks.append(time_mask)
         if actions.shape[0] < r.horizon:
             actions = np.concatenate([actions, np.repeat(actions[-1:], r.horizon - actions.shape[0], 0)])
         instruction, embed_path = self._instruction(path, rng or np.random.default_rng(0))

@@ -233,3 +233,86 @@ def test_missing_instruction_file(tmp_path, small_robot):
     write_episode(tmp_path / "x.hdf5", q, q, layout="raw")
     with pytest.raises(EpisodeError, match=r"expanded_instruction_gpt-4-turbo\.json not found"):
         HDF5Source(tmp_path, small_robot)
+
+
+# ------------------------------------------------------------------ caches
+def _same_sample(a, b) -> None:
+    for name in a.__dataclass_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, tuple):
+            assert all(np.array_equal(p, q) and p.dtype == q.dtype for p, q in zip(x, y, strict=True))
+        elif isinstance(x, np.ndarray):
+            assert x.dtype == y.dtype and np.array_equal(x, y), name
+        else:
+            assert x == y, name
+
+
+def test_cached_episode_gives_identical_samples(episode_dir, small_robot):
+    """Episode arrays and open files are cached: repeated, evicted and fresh reads agree."""
+    d, _ = episode_dir
+    cached = HDF5Source(d, small_robot)
+    tiny = HDF5Source(d, small_robot, episode_cache_size=1, max_open_files=1)  # evicts every time
+    for i in range(40):
+        a = cached.get(i, np.random.default_rng([7, i]))
+        b = tiny.get(i, np.random.default_rng([7, i]))
+        c = HDF5Source(d, small_robot).get(i, np.random.default_rng([7, i]))  # cold caches
+        _same_sample(a, b)
+        _same_sample(a, c)
+    assert len(cached._arrays) == 4 and len(tiny._arrays) == 1
+    assert len(tiny._local.files.files) == 1
+    s = cached.sample_at(0, cached.episodes[0].first_idx)
+    s.state[...] = 0  # samples own their arrays: the cache stays intact
+    _same_sample(cached.sample_at(0, cached.episodes[0].first_idx), tiny.sample_at(0, tiny.episodes[0].first_idx))
+
+
+def test_cached_source_pickles_and_closes(episode_dir, small_robot):
+    import pickle
+
+    d, _ = episode_dir
+    src = HDF5Source(d, small_robot)
+    a = src.get(3, np.random.default_rng(3))
+    copy = pickle.loads(pickle.dumps(src))  # open files are not pickled; the copy reopens
+    _same_sample(a, copy.get(3, np.random.default_rng(3)))
+    src.close()
+    _same_sample(a, src.get(3, np.random.default_rng(3)))  # reopens after close()
+
+
+def test_cached_source_threads_agree(episode_dir, small_robot):
+    from concurrent.futures import ThreadPoolExecutor
+
+    d, _ = episode_dir
+    src = HDF5Source(d, small_robot, episode_cache_size=2, max_open_files=2)
+    ref = [HDF5Source(d, small_robot).get(i, np.random.default_rng(i)) for i in range(24)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: src.get(i, np.random.default_rng(i)), range(24)))
+    for a, b in zip(ref, got, strict=True):
+        _same_sample(a, b)
+
+
+def test_episode_changed_after_scan_names_file_and_key(tmp_path, small_robot):
+    """The arrays are read at first use; a file broken since the scan raises a clear error."""
+    p, _ = _good(tmp_path)
+    src = HDF5Source(tmp_path, small_robot)
+    with h5py.File(p, "a") as f:
+        f["/action"][20, 3] = np.nan
+    with pytest.raises(EpisodeError, match=r"good\.hdf5: '/action' contains NaN/inf \(first at step 20, column 3\)"):
+        src.sample_at(0, 30)
+    src.close()  # this thread's open handle: HDF5 refuses to open a file for writing twice
+    with h5py.File(p, "a") as f:
+        del f["/observations/qpos"]
+    fresh = HDF5Source.__new__(HDF5Source)
+    fresh.__setstate__(src.__getstate__())
+    with pytest.raises(EpisodeError, match=r"good\.hdf5: missing key '/observations/qpos'"):
+        fresh.sample_at(0, 30)
+
+
+def test_corrupt_jpeg_in_cached_file(tmp_path, small_robot):
+    """A bad frame in a file that is already open (cached) still names the file, key and step."""
+    p, _ = _good(tmp_path)
+    with h5py.File(p, "a") as f:
+        f["/observations/images/cam_right_wrist"][60] = np.full(100, 7, np.uint8)
+    src = HDF5Source(tmp_path, small_robot)
+    src.sample_at(0, 50)  # opens the file and caches its datasets
+    want = r"good\.hdf5: '/observations/images/cam_right_wrist' step 60: not a decodable"
+    with pytest.raises(EpisodeError, match=want):
+        src.sample_at(0, 61)
