@@ -98,6 +98,27 @@ static inline __m256i finish(__m256i hi, __m256i lo, __m256i half) {
     return _mm256_srai_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(hi, 11), lo), half), 22);
 }
 
+/* 16 RGB pixels (48 interleaved bytes in q[0..2]) → 16 bytes in each of 3 planes. */
+__attribute__((target("avx2")))
+static inline void deinterleave3(const __m128i *q, uint8_t *o, long plane) {
+    const char X = (char)0x80; /* pshufb: zero this byte */
+    const __m128i r0 = _mm_setr_epi8(0, 3, 6, 9, 12, 15, X, X, X, X, X, X, X, X, X, X);
+    const __m128i r1 = _mm_setr_epi8(X, X, X, X, X, X, 2, 5, 8, 11, 14, X, X, X, X, X);
+    const __m128i r2 = _mm_setr_epi8(X, X, X, X, X, X, X, X, X, X, X, 1, 4, 7, 10, 13);
+    const __m128i g0 = _mm_setr_epi8(1, 4, 7, 10, 13, X, X, X, X, X, X, X, X, X, X, X);
+    const __m128i g1 = _mm_setr_epi8(X, X, X, X, X, 0, 3, 6, 9, 12, 15, X, X, X, X, X);
+    const __m128i g2 = _mm_setr_epi8(X, X, X, X, X, X, X, X, X, X, X, 2, 5, 8, 11, 14);
+    const __m128i b0 = _mm_setr_epi8(2, 5, 8, 11, 14, X, X, X, X, X, X, X, X, X, X, X);
+    const __m128i b1 = _mm_setr_epi8(X, X, X, X, X, 1, 4, 7, 10, 13, X, X, X, X, X, X);
+    const __m128i b2 = _mm_setr_epi8(X, X, X, X, X, X, X, X, X, X, 0, 3, 6, 9, 12, 15);
+#define PLANE(m0, m1, m2) _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(q[0], m0), _mm_shuffle_epi8(q[1], m1)), \
+                                       _mm_shuffle_epi8(q[2], m2))
+    _mm_storeu_si128((__m128i *)o, PLANE(r0, r1, r2));
+    _mm_storeu_si128((__m128i *)(o + plane), PLANE(g0, g1, g2));
+    _mm_storeu_si128((__m128i *)(o + 2 * plane), PLANE(b0, b1, b2));
+#undef PLANE
+}
+
 /* The same integers with 16-bit multiplies: each 22-bit weight k = hi * 2^11 + lo (lo in
    [0, 2^11)), so sum_t k_t p_t = 2^11 sum_t hi_t p_t + sum_t lo_t p_t exactly, and pmaddwd
    computes two taps of either sum per instruction (all partial sums fit in int32). The
@@ -134,14 +155,21 @@ static long rows_avx2(const uint8_t *in, long in_stride, uint8_t *o, long n,
                 ly[g] = _mm256_add_epi32(ly[g], _mm256_madd_epi16(y, klo[p]));
             }
         }
+        __m128i q[3];
         for (int g = 0; g < 3; g++) {
             __m256i x = finish(hx[g], lx[g], half), y = finish(hy[g], ly[g], half);
             __m256i w = _mm256_packs_epi32(x, y);   /* int16, elements 0-7 | 8-15 (saturation = clip) */
             __m256i b = _mm256_packus_epi16(w, w);  /* uint8 clip: 0-7, 0-7 | 8-15, 8-15 */
-            b = _mm256_permute4x64_epi64(b, 0x08);  /* qwords 0, 2 */
-            _mm_storeu_si128((__m128i *)(channels <= 0 ? o + i0 + 16 * g : v + 16 * g), _mm256_castsi256_si128(b));
+            q[g] = _mm256_castsi256_si128(_mm256_permute4x64_epi64(b, 0x08));  /* qwords 0, 2 */
         }
-        if (channels > 0) put_planar(v, BLK, o, i0, channels, plane);
+        if (channels <= 0) {
+            for (int g = 0; g < 3; g++) _mm_storeu_si128((__m128i *)(o + i0 + 16 * g), q[g]);
+        } else if (channels == 3) { /* i0 is a multiple of 48: pixel-aligned */
+            deinterleave3(q, o + i0 / 3, plane);
+        } else {
+            for (int g = 0; g < 3; g++) _mm_storeu_si128((__m128i *)(v + 16 * g), q[g]);
+            put_planar(v, BLK, o, i0, channels, plane);
+        }
     }
     return i0;
 }
