@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -56,6 +57,10 @@ class SampleTransform:
         self.store = embedding_store
         self.spec = sample_spec(batch_cfg)
         self._background = image_transform.background(batch_cfg.image_size)
+        self._background.setflags(write=False)
+        self._background_f32 = image_transform.normalize(self._background)
+        self._background_f32.setflags(write=False)
+        self._scratch = threading.local()  # per grain thread: the uint8 image before normalising
         self._load = functools.lru_cache(maxsize=embedding_cache_size)(language.load_embedding)
         self._store_get = functools.lru_cache(maxsize=embedding_cache_size)(self.store.get) if self.store else None
 
@@ -63,6 +68,13 @@ class SampleTransform:
         if self.cfg.image_aug:
             img = augment.augment(img, rng)
         return image_transform.preprocess_uint8(img, self.batch_cfg.image_size, out)
+
+    def _uint8_scratch(self) -> np.ndarray:
+        buf = getattr(self._scratch, "img", None)
+        if buf is None:
+            size = self.batch_cfg.image_size
+            buf = self._scratch.img = np.empty((3, size, size), np.uint8)
+        return buf
 
     def _language(self, raw: RawSample) -> np.ndarray:
         if raw.lang_embed_path is not None:
@@ -98,21 +110,23 @@ class SampleTransform:
         p_ext = cfg.cam_ext_mask_prob if cfg.cam_ext_mask_prob >= 0 else p
         images = np.empty(self.spec["images"].shape, self.spec["images"].dtype)
         valid = np.zeros(NUM_CAMERAS * IMG_HISTORY, bool)
+        # uint8: resize straight into the batch slot; float32: resize into a reused scratch
+        # image, then normalise straight into the slot.
+        direct = images.dtype == np.uint8
         for i in range(IMG_HISTORY):
             for j in range(NUM_CAMERAS):
                 k = i * NUM_CAMERAS + j
                 keep = rng.random() >= (p_ext if j == 0 else p)
                 frames = raw.frames[j]
-                direct = images.dtype == np.uint8  # resize straight into the batch slot
                 if keep and frames.size > 0 and raw.frame_masks[j, i]:
-                    px = self._image(frames[i], rng, images[k] if direct else None)
+                    px = self._image(frames[i], rng, images[k] if direct else self._uint8_scratch())
                     valid[k] = True
+                    if not direct:
+                        image_transform.normalize(px, images[k])
+                    elif px is not images[k]:
+                        images[k] = px
                 else:
-                    px = self._background
-                if not direct:
-                    images[k] = image_transform.normalize(px)
-                elif px is not images[k]:
-                    images[k] = px
+                    images[k] = self._background if direct else self._background_f32
 
         # 7. language: the empty embedding with prob p.
         emb = language.empty_embedding() if rng.random() < p else self._language(raw)

@@ -86,6 +86,14 @@ def test_normalize_equals_table_lookup(shape):
     assert got.dtype == np.float32 and got.shape == x.shape
     np.testing.assert_array_equal(got, it._LUT[x])
     np.testing.assert_array_equal(it.normalize(x[..., ::-1]), it._LUT[x[..., ::-1]])  # non-contiguous
+    out = np.full(shape, np.nan, np.float32)  # into a given array (a batch slot)
+    assert it.normalize(x, out) is out
+    np.testing.assert_array_equal(out, it._LUT[x])
+    strided = np.full((*shape, 2), np.nan, np.float32)[..., 0]  # a non-contiguous slot
+    assert it.normalize(x, strided) is strided
+    np.testing.assert_array_equal(strided, it._LUT[x])
+    with pytest.raises(ValueError, match="out must be float32"):
+        it.normalize(x, np.empty(shape, np.float64))
 
 
 def _kernel_without_avx2(tmp_path):

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from rdt_jax.data import language
+from rdt_jax.data import image_transform, language
 from rdt_jax.data.schema import BatchConfig, RawSample, check_against_spec, sample_spec
 from rdt_jax.data.transform import SampleTransform, TransformConfig
 
@@ -176,3 +176,20 @@ def test_errors(setup, tmp_path):
         tf(dataclasses.replace(raw, instruction="unknown"), np.random.default_rng(0))
     with pytest.raises(KeyError, match=r"no state_mean .* \['x'\]"):
         SampleTransform(TransformConfig(), BatchConfig(1), dataset_ids={"x": 0}, dataset_state_mean={})
+
+
+def test_float32_images_are_normalised_uint8_images(setup):
+    """The float32 path (reused scratch image, normalised into the batch slot, cached grey
+    background) equals normalising the uint8 path's images, with augmentation and dropout."""
+    raw, make, _ = setup
+    cfg = TransformConfig(cond_mask_prob=0.4)
+    f32, u8 = make(cfg, image_dtype="float32"), make(cfg, image_dtype="uint8")
+    seen_bg = seen_img = False
+    for i in range(12):  # repeated calls: the scratch image is reused
+        a = f32(raw, np.random.default_rng([9, i]))
+        b = u8(raw, np.random.default_rng([9, i]))
+        np.testing.assert_array_equal(a["image_valid"], b["image_valid"])
+        np.testing.assert_array_equal(a["images"], image_transform.normalize(b["images"]))
+        seen_bg |= not a["image_valid"].all()
+        seen_img |= a["image_valid"].any()
+    assert seen_bg and seen_img
