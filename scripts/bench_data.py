@@ -8,8 +8,9 @@ decodes six JPEGs (2 frames × 3 cameras), pads to square with (127,127,127), bi
 384 and reads states/actions; grain adds the full SampleTransform (masks, language, …).
 
 Numbers (all per CPU core, so other processes on the machine matter little):
-* `stage` rows: one thread, `time.process_time()` per sample for `source.get` (read + decode)
-  and `transform` (pad + resize + the rest) — the CPU cost of one sample.
+* `stage` rows: one thread, `time.thread_time()` per sample for `source.get` (read + decode)
+  and `transform` (pad + resize + the rest), alternating as in the pipeline — the CPU cost of
+  one sample.
 * pipeline rows: samples / CPU-second of this whole process (all its threads), and samples/s
   wall divided by the cores in the affinity mask (`taskset -c 0` for a one-core run).
 
