@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from rdt_jax.model.attention import dot_product_attention
+from rdt_jax.model.attention import cross_attention, dot_product_attention, to_head_major
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layers import Mlp, linear, zeros
 from rdt_jax.model.norm import RmsNorm
@@ -39,7 +39,8 @@ class CrossAttention(nnx.Module):
     """The official ``CrossAttention``: q from the tokens, fused kv (k | v) from the condition, q/k norm.
 
     ``cond_kv`` is split out so that sampling can compute each block's condition K/V once per call
-    and reuse them at every denoising step (they do not depend on the step).
+    and reuse them at every denoising step (they do not depend on the step). It returns them
+    head-major (``kt`` (B, H, hd, S), ``vh`` (B, H, S, hd)), the layout the attention consumes.
     """
 
     def __init__(self, cfg: RDTConfig, *, rngs: nnx.Rngs):
@@ -55,7 +56,7 @@ class CrossAttention(nnx.Module):
     def cond_kv(self, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
         b, length, d = cond.shape
         kv = self.kv(cond).reshape(b, length, 2, self.num_heads, d // self.num_heads)
-        return self.k_norm(kv[:, :, 0]), kv[:, :, 1]
+        return to_head_major(self.k_norm(kv[:, :, 0]), kv[:, :, 1])
 
     def __call__(
         self,
@@ -65,9 +66,9 @@ class CrossAttention(nnx.Module):
         kv: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         b, n, d = x.shape
-        k, v = self.cond_kv(cond) if kv is None else kv
+        kt, vh = self.cond_kv(cond) if kv is None else kv
         q = self.q_norm(self.q(x).reshape(b, n, self.num_heads, d // self.num_heads))
-        o = dot_product_attention(q, k, v, key_mask=mask, impl=self.impl)
+        o = cross_attention(q, kt, vh, key_mask=mask, impl=self.impl)
         return self.proj(o.reshape(b, n, d))
 
 
@@ -114,7 +115,7 @@ def stacked(make, n: int, key: jax.Array) -> nnx.Module:
     grow with depth.
     """
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
-    state = jax.vmap(lambda k: nnx.state(make(nnx.Rngs(k))))(jax.random.split(key, n))
+    state = jax.lax.map(lambda k: nnx.state(make(nnx.Rngs(k))), jax.random.split(key, n))
     return nnx.merge(graphdef, state)
 
 

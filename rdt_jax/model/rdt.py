@@ -22,7 +22,9 @@ from rdt_jax.model.pos_embed import initial_pos_tables
 class CondKV(NamedTuple):
     """Per-block cross-attention keys/values of the conditions, stacked over blocks.
 
-    ``lang_k``/``lang_v``: (n_lang_blocks, B, L, H, hd); ``img_k``/``img_v``: (n_img_blocks, B, I, H, hd).
+    Head-major, the layout :func:`~rdt_jax.model.attention.cross_attention` takes: ``lang_k``
+    (n_lang_blocks, B, H, hd, L), ``lang_v`` (n_lang_blocks, B, H, L, hd); ``img_k``/``img_v`` the
+    same over the n_img_blocks image blocks and I image tokens.
     """
 
     lang_k: jax.Array
@@ -128,7 +130,7 @@ class RDT(nnx.Module):
             lc = ic = None
         if lang_mask is not None:
             lang_mask = jnp.asarray(lang_mask, bool)
-            expected = (batch, lc.shape[1] if lc is not None else cond_kv.lang_k.shape[2])
+            expected = (batch, lc.shape[1] if lc is not None else cond_kv.lang_k.shape[-1])
             if lang_mask.shape != expected:
                 raise ValueError(f"lang_mask must have shape {expected}, got {lang_mask.shape}")
 

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 import rdt_jax
-from rdt_jax.model.attention import dot_product_attention
+from rdt_jax.model import attention
+from rdt_jax.model.attention import cross_attention, dot_product_attention, to_head_major
 from rdt_jax.model.layers import Adaptor
 from rdt_jax.model.norm import rms_scale
 from tests.helpers import assert_close
@@ -92,6 +93,33 @@ def test_attention_matches_einsum(impl):
     assert_close(dot_product_attention(q, k, v2, jnp.asarray(mask), impl=impl), out, 1e-6, "mask leak")
 
 
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+@pytest.mark.parametrize("group_bytes", [1, 2 * 2 * 5 * 7 * 4, 2**30])  # 1 head, 2 heads, all heads per group
+def test_head_major_cross_attention_matches_einsum(impl, group_bytes, monkeypatch):
+    monkeypatch.setattr(attention, "_CPU_GROUP_BYTES", group_bytes)
+    q, k, v = _qkv(h=4)
+    kt, vh = to_head_major(k, v)
+    assert kt.shape == (2, 4, 8, 7) and vh.shape == (2, 4, 7, 8)
+    assert_close(cross_attention(q, kt, vh, impl=impl), _einsum_attention(q, k, v), 1e-5, impl)
+    mask = np.array([[True] * 7, [True] * 4 + [False] * 3])
+    out = cross_attention(q, kt, vh, jnp.asarray(mask), impl=impl)
+    assert_close(out, _einsum_attention(q, k, v, mask), 1e-5, f"{impl} masked")
+    _, vh2 = to_head_major(k, v.at[1, 4:].set(1e3))
+    assert_close(cross_attention(q, kt, vh2, jnp.asarray(mask), impl=impl), out, 1e-6, "mask leak")
+    # bf16 inputs: float32 logits and softmax, a bf16 result within bf16 rounding.
+    bf = [a.astype(jnp.bfloat16) for a in (q, kt, vh)]
+    out_bf = cross_attention(*bf, jnp.asarray(mask), impl=impl)
+    assert out_bf.dtype == jnp.bfloat16
+    assert_close(out_bf.astype(jnp.float32), out, 3e-2, "bf16")
+
+
+def test_head_groups_divide_the_heads():
+    assert attention._group_size(32, 1) == 32
+    assert attention._group_size(32, attention._CPU_GROUP_BYTES) == 1
+    assert attention._group_size(12, attention._CPU_GROUP_BYTES // 5) == 4  # largest divisor that fits
+    assert attention._group_size(7, 2 * attention._CPU_GROUP_BYTES) == 1  # nothing fits: one head at a time
+
+
 def test_attention_impl_errors():
     q, k, v = _qkv()
     with pytest.raises(NotImplementedError, match="Pallas"):
@@ -100,3 +128,8 @@ def test_attention_impl_errors():
         dot_product_attention(q, k, v, impl="flash")
     with pytest.raises(ValueError, match="key_mask"):
         dot_product_attention(q, k, v, jnp.ones((2, 5), bool))
+    kt, vh = to_head_major(k, v)
+    with pytest.raises(ValueError, match="kt must be"):
+        cross_attention(q, vh, vh)
+    with pytest.raises(ValueError, match="key_mask"):
+        cross_attention(q, kt, vh, jnp.ones((2, 5), bool))
