@@ -118,13 +118,16 @@ def cross_attention(
         # like jax.nn.dot_product_attention.
         bias = jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min / 2)[:, None, None, :]
         bias = jnp.broadcast_to(bias, (b, h, 1, s))
-    # Groups run along the head axis only: the batch axis may be sharded over devices.
+    # Groups run along the head axis only (the batch axis may be sharded over devices). Each group
+    # is sliced inside the loop from the arrays as they are: moving the group axis to the front for
+    # lax.map's xs makes XLA copy all of K and V on every call.
     g = _group_size(h, b * t * s * 4)
-    n = h // g
 
-    def grouped(x: jax.Array) -> jax.Array:
-        return jnp.moveaxis(x.reshape(x.shape[0], n, g, *x.shape[2:]), 1, 0)
+    def group(i: jax.Array) -> jax.Array:
+        def take(x: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_slice_in_dim(x, i * g, g, axis=1)
 
-    xs = (grouped(qh), grouped(kt), grouped(vh), None if bias is None else grouped(bias))
-    out = jax.lax.map(lambda a: _softmax_attend(*a), xs)  # (n, B, g, T, hd)
+        return _softmax_attend(take(qh), take(kt), take(vh), None if bias is None else take(bias))
+
+    out = jax.lax.map(group, jnp.arange(h // g))  # (n, B, g, T, hd)
     return jnp.transpose(out, (1, 3, 0, 2, 4)).reshape(b, t, h, hd).astype(q.dtype)
