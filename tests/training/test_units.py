@@ -56,6 +56,20 @@ def test_clipping_really_clips():
     assert not np.allclose(s0[0].mu["a"], s[1][0].mu["a"])
 
 
+@pytest.mark.parametrize("scale", [0.01, 1.0, 7.0])  # below, at about, above the threshold
+def test_scalar_factor_clipping_equals_optax(scale):
+    from rdt_jax.training.optimizer import clip_by_global_norm
+
+    rng = np.random.default_rng(0)
+    grads = {"a": jnp.asarray(rng.standard_normal(5) * scale, jnp.float32),
+             "b": jnp.asarray(rng.standard_normal((3, 2)) * scale, jnp.float32)}
+    ours, _ = clip_by_global_norm(2.0).update(grads, None)
+    ref, _ = optax.clip_by_global_norm(2.0).update(grads, optax.EmptyState())
+    for k in grads:
+        np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6)
+    assert float(optax.tree.norm(ours)) <= 2.0 + 1e-5
+
+
 def test_schedules_follow_diffusers():
     c = make_schedule(OptimConfig(learning_rate=1.0, schedule="constant_with_warmup", warmup_steps=4), 100)
     assert [float(c(i)) for i in (0, 2, 4, 50)] == [0.0, 0.5, 1.0, 1.0]
