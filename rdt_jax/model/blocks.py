@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from rdt_jax.model.attention import cross_attention, dot_product_attention, to_head_major
+from rdt_jax.model.attention import dot_product_attention, head_major_attention, to_head_major
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layers import Mlp, linear, zeros
 from rdt_jax.model.norm import RmsNorm
@@ -68,7 +68,7 @@ class CrossAttention(nnx.Module):
         b, n, d = x.shape
         kt, vh = self.cond_kv(cond) if kv is None else kv
         q = self.q_norm(self.q(x).reshape(b, n, self.num_heads, d // self.num_heads))
-        o = cross_attention(q, kt, vh, key_mask=mask, impl=self.impl)
+        o = head_major_attention(q, kt, vh, key_mask=mask, impl=self.impl)
         return self.proj(o.reshape(b, n, d))
 
 

@@ -22,7 +22,7 @@ from rdt_jax.model.pos_embed import initial_pos_tables
 class CondKV(NamedTuple):
     """Per-block cross-attention keys/values of the conditions, stacked over blocks.
 
-    Head-major, the layout :func:`~rdt_jax.model.attention.cross_attention` takes: ``lang_k``
+    Head-major, the layout :func:`~rdt_jax.model.attention.head_major_attention` takes: ``lang_k``
     (n_lang_blocks, B, H, hd, L), ``lang_v`` (n_lang_blocks, B, H, L, hd); ``img_k``/``img_v`` the
     same over the n_img_blocks image blocks and I image tokens.
     """

@@ -10,7 +10,7 @@ from flax import nnx
 
 import rdt_jax
 from rdt_jax.model import attention
-from rdt_jax.model.attention import cross_attention, dot_product_attention, to_head_major
+from rdt_jax.model.attention import dot_product_attention, head_major_attention, to_head_major
 from rdt_jax.model.layers import Adaptor
 from rdt_jax.model.norm import rms_scale
 from tests.helpers import assert_close
@@ -100,15 +100,15 @@ def test_head_major_cross_attention_matches_einsum(impl, group_bytes, monkeypatc
     q, k, v = _qkv(h=4)
     kt, vh = to_head_major(k, v)
     assert kt.shape == (2, 4, 8, 7) and vh.shape == (2, 4, 7, 8)
-    assert_close(cross_attention(q, kt, vh, impl=impl), _einsum_attention(q, k, v), 1e-5, impl)
+    assert_close(head_major_attention(q, kt, vh, impl=impl), _einsum_attention(q, k, v), 1e-5, impl)
     mask = np.array([[True] * 7, [True] * 4 + [False] * 3])
-    out = cross_attention(q, kt, vh, jnp.asarray(mask), impl=impl)
+    out = head_major_attention(q, kt, vh, jnp.asarray(mask), impl=impl)
     assert_close(out, _einsum_attention(q, k, v, mask), 1e-5, f"{impl} masked")
     _, vh2 = to_head_major(k, v.at[1, 4:].set(1e3))
-    assert_close(cross_attention(q, kt, vh2, jnp.asarray(mask), impl=impl), out, 1e-6, "mask leak")
+    assert_close(head_major_attention(q, kt, vh2, jnp.asarray(mask), impl=impl), out, 1e-6, "mask leak")
     # bf16 inputs: float32 logits and softmax, a bf16 result within bf16 rounding.
     bf = [a.astype(jnp.bfloat16) for a in (q, kt, vh)]
-    out_bf = cross_attention(*bf, jnp.asarray(mask), impl=impl)
+    out_bf = head_major_attention(*bf, jnp.asarray(mask), impl=impl)
     assert out_bf.dtype == jnp.bfloat16
     assert_close(out_bf.astype(jnp.float32), out, 3e-2, "bf16")
 
@@ -130,6 +130,6 @@ def test_attention_impl_errors():
         dot_product_attention(q, k, v, jnp.ones((2, 5), bool))
     kt, vh = to_head_major(k, v)
     with pytest.raises(ValueError, match="kt must be"):
-        cross_attention(q, vh, vh)
+        head_major_attention(q, vh, vh)
     with pytest.raises(ValueError, match="key_mask"):
-        cross_attention(q, kt, vh, jnp.ones((2, 5), bool))
+        head_major_attention(q, kt, vh, jnp.ones((2, 5), bool))
