@@ -370,11 +370,11 @@ class HDF5Source:
                 if ds.shape[0] != num_steps:
                     raise EpisodeError(f"{path}: {key!r} has {ds.shape[0]} frames, expected {num_steps}")
                 try:
-                    frame_bytes_layout(ds)
+                    layout = frame_bytes_layout(ds)
                 except ValueError as e:
                     raise EpisodeError(f"{path}: {key!r}: {e}") from e
                 if self.check_images and num_steps:
-                    self._read_frames(ds, frame_bytes_layout(ds), key, path, 0, 1)
+                    self._read_frames(ds, layout, key, path, 0, 1)
             if num_steps < r.min_episode_len:
                 return "too_short"
             first_idx = first_movement(qpos, r.first_move_threshold)

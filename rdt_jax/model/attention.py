@@ -99,25 +99,24 @@ def head_major_attention(
     impl: str = "xla",
 ) -> jax.Array:
     """Attention of ``q`` (B, T, H, hd) to head-major ``kt`` (B, H, hd, S) / ``vh`` (B, H, S, hd)."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be (B, T, H, hd), got {q.shape}")
     b, t, h, hd = q.shape
     s = kt.shape[-1]
     if kt.shape != (b, h, hd, s) or vh.shape != (b, h, s, hd):
         raise ValueError(f"kt must be {(b, h, hd, s)} and vh {(b, h, s, hd)}; got {kt.shape}, {vh.shape}")
+    if impl != "xla" or jax.default_backend() != "cpu":
+        # Other kernels (and the reference) take the sequence-major layout.
+        k, v = jnp.transpose(kt, (0, 3, 1, 2)), jnp.transpose(vh, (0, 2, 1, 3))
+        return dot_product_attention(q, k, v, key_mask, impl=impl)
     if key_mask is not None and key_mask.shape != (b, s):
         raise ValueError(f"key_mask must have shape {(b, s)}, got {key_mask.shape}")
-    if impl == "reference":
-        k = jnp.transpose(kt, (0, 3, 1, 2))
-        return reference_attention(q, k, jnp.transpose(vh, (0, 2, 1, 3)), key_mask)
-    if impl != "xla" or jax.default_backend() != "cpu":
-        return dot_product_attention(q, jnp.transpose(kt, (0, 3, 1, 2)), jnp.transpose(vh, (0, 2, 1, 3)),
-                                     key_mask, impl=impl)
     qh = jnp.transpose(q, (0, 2, 1, 3))  # (B, H, T, hd)
     bias = None
     if key_mask is not None:
         # A large finite negative (not -inf) so a fully masked row gives a uniform average, not NaN,
-        # like jax.nn.dot_product_attention.
+        # like jax.nn.dot_product_attention. Shape (B, 1, 1, S): the same for every head.
         bias = jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min / 2)[:, None, None, :]
-        bias = jnp.broadcast_to(bias, (b, h, 1, s))
     # Groups run along the head axis only (the batch axis may be sharded over devices). Each group
     # is sliced inside the loop from the arrays as they are: moving the group axis to the front for
     # lax.map's xs makes XLA copy all of K and V on every call.
@@ -127,7 +126,7 @@ def head_major_attention(
         def take(x: jax.Array) -> jax.Array:
             return jax.lax.dynamic_slice_in_dim(x, i * g, g, axis=1)
 
-        return _softmax_attend(take(qh), take(kt), take(vh), None if bias is None else take(bias))
+        return _softmax_attend(take(qh), take(kt), take(vh), bias)
 
     out = jax.lax.map(group, jnp.arange(h // g))  # (n, B, g, T, hd)
     return jnp.transpose(out, (1, 3, 0, 2, 4)).reshape(b, t, h, hd).astype(q.dtype)

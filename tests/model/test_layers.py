@@ -131,5 +131,7 @@ def test_attention_impl_errors():
     kt, vh = to_head_major(k, v)
     with pytest.raises(ValueError, match="kt must be"):
         head_major_attention(q, vh, vh)
+    with pytest.raises(ValueError, match="q must be"):
+        head_major_attention(q[0], kt, vh)
     with pytest.raises(ValueError, match="key_mask"):
         head_major_attention(q, kt, vh, jnp.ones((2, 5), bool))
