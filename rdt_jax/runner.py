@@ -17,6 +17,7 @@ from flax import nnx
 
 from rdt_jax.convert.pretrained_dir import read_config, read_params
 from rdt_jax.model.config import RDTConfig
+from rdt_jax.model.layer_layout import stack_blocks, unstack_blocks
 from rdt_jax.model.policy import RDTPolicy, init_policy
 
 
@@ -66,6 +67,25 @@ def _sample(graphdef, state, *args, **kwargs):
     return jitted(graphdef, state, *args, **kwargs)
 
 
+def resolve_layer_layout(layer_layout: str) -> str:
+    """``auto``: per-layer blocks on CPU (XLA:CPU copies scanned layers' weights every step), stacked elsewhere."""
+    if layer_layout == "auto":
+        return "per_layer" if jax.default_backend() == "cpu" else "stacked"
+    if layer_layout not in ("stacked", "per_layer"):
+        raise ValueError(f"layer_layout must be 'auto', 'stacked' or 'per_layer', got {layer_layout!r}")
+    return layer_layout
+
+
+def _policy_from_params(cfg: RDTConfig, params: dict, layer_layout: str) -> RDTPolicy:
+    """A policy holding ``params`` (a stacked-layout pure dict, consumed) in the given layer layout."""
+    if layer_layout == "per_layer":
+        params = unstack_blocks(params)
+    cfg = cfg.replace(layer_layout=layer_layout)
+    graphdef, state = nnx.split(abstract_policy(cfg))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
 class RDTRunner:
     def __init__(self, policy: RDTPolicy):
         self.config: RDTConfig = policy.config
@@ -73,9 +93,16 @@ class RDTRunner:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: RDTConfig, *, seed: int = 0) -> RDTRunner:
-        """A randomly initialised model with the official initialisation."""
-        return cls(init_policy(cfg, seed))
+    def from_config(cls, cfg: RDTConfig, *, seed: int = 0, layer_layout: str = "auto") -> RDTRunner:
+        """A randomly initialised model with the official initialisation (same values in either layout)."""
+        layer_layout = resolve_layer_layout(layer_layout)
+        stacked_cfg = cfg.replace(layer_layout="stacked")
+        if layer_layout == "stacked":
+            return cls(init_policy(stacked_cfg, seed))
+        state = nnx.state(init_policy(stacked_cfg, seed))
+        params = nnx.to_pure_dict(state)
+        del state
+        return cls(_policy_from_params(stacked_cfg, params, layer_layout))
 
     @property
     def policy(self) -> RDTPolicy:
@@ -86,7 +113,9 @@ class RDTRunner:
         return nnx.state(self.policy, nnx.Param)
 
     def param_dict(self) -> dict[str, Any]:
-        return nnx.to_pure_dict(self.params)
+        """The parameters as a pure dict in the stacked (checkpoint / converter) layout."""
+        params = nnx.to_pure_dict(self.params)
+        return stack_blocks(params) if self.config.layer_layout == "per_layer" else params
 
     # ------------------------------------------------------------------ API
     def model(self, x, freq, t, lang_c, img_c, lang_mask=None, *, capture: bool = False):
@@ -129,18 +158,22 @@ class RDTRunner:
 
 
 def load_pretrained(
-    path: str | pathlib.Path, dtype: Any = "float32", *, compute_dtype: Any | None = None, **config_overrides: Any
+    path: str | pathlib.Path,
+    dtype: Any = "float32",
+    *,
+    compute_dtype: Any | None = None,
+    layer_layout: str = "auto",
+    **config_overrides: Any,
 ) -> RDTRunner:
     """Loads a directory written by ``convert_torch_weights.py`` (or exported by training).
 
     ``dtype`` is the parameter dtype; computation runs in ``compute_dtype`` (default: ``dtype``).
+    ``layer_layout`` (``auto``, ``stacked``, ``per_layer``) only changes how blocks are stored and
+    run (``RDTConfig.layer_layout``), never the results.
     """
     param_dtype = jnp.dtype(dtype).name
     cfg = read_config(path, param_dtype=param_dtype, dtype=jnp.dtype(compute_dtype or dtype).name,
-                      **config_overrides)
-    abstract = abstract_policy(cfg)
-    graphdef, abstract_state = nnx.split(abstract)
-    params_abstract = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+                      **config_overrides).replace(layer_layout="stacked")
+    params_abstract = nnx.to_pure_dict(nnx.state(abstract_policy(cfg), nnx.Param))
     params = read_params(path, params_abstract)
-    nnx.replace_by_pure_dict(abstract_state, params)
-    return RDTRunner(nnx.merge(graphdef, abstract_state))
+    return RDTRunner(_policy_from_params(cfg, params, resolve_layer_layout(layer_layout)))

@@ -32,7 +32,7 @@ PRECISIONS = {
 OFFICIAL_HERE = {"rdt-170m": (10.14, 1.09), "rdt-1b": (71.4, 5.16)}
 
 
-def run_one(model: str, precision: str, runs: int, cached: bool) -> dict:
+def run_one(model: str, precision: str, runs: int, cached: bool, layer_layout: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -40,12 +40,14 @@ def run_one(model: str, precision: str, runs: int, cached: bool) -> dict:
 
     from rdt_jax.model.config import PRESETS
     from rdt_jax.model.flops import predict_action_flops
-    from rdt_jax.model.policy import init_policy
-    from rdt_jax.runner import sampling_compiler_options
+    from rdt_jax.runner import RDTRunner, sampling_compiler_options
 
     param_dtype, dtype = PRECISIONS[precision]
     cfg = PRESETS[model](param_dtype=param_dtype, dtype=dtype)
-    graphdef, state = nnx.split(init_policy(cfg))
+    # The layout a user's runner gets (``auto``: per-layer blocks on CPU).
+    runner = RDTRunner.from_config(cfg, layer_layout=layer_layout)
+    graphdef, state = runner.graphdef, runner.state
+    del runner
 
     rng = np.random.default_rng(0)
     lang_len = 32
@@ -81,6 +83,7 @@ def run_one(model: str, precision: str, runs: int, cached: bool) -> dict:
     median = statistics.median(times)
     return {
         "model": model, "precision": precision, "cached_kv": cached, "compile_s": compile_s,
+        "layer_layout": nnx.merge(graphdef, state).config.layer_layout,
         "median_s": median, "min_s": min(times), "runs": runs,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "gflop": flops / 1e9, "xla_gflop": xla_flops / 1e9, "gflops_per_s": flops / 1e9 / median,
@@ -93,20 +96,22 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "bf16w-fp32"], choices=list(PRECISIONS))
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--uncached", action="store_true", help="also run without the condition K/V cache")
+    p.add_argument("--layer-layout", default="auto", choices=["auto", "stacked", "per_layer"],
+                   help="block storage of the runner (auto: per_layer on CPU)")
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._one:
         model, precision, cached = args._one
-        print(json.dumps(run_one(model, precision, args.runs, cached == "1")))
+        print(json.dumps(run_one(model, precision, args.runs, cached == "1", args.layer_layout)))
         return
 
     results = []
     for model in args.models:
         for precision in args.precisions:
             for cached in [True, False] if args.uncached else [True]:
-                cmd = [sys.executable, __file__, "--runs", str(args.runs), "--_one", model, precision,
-                       "1" if cached else "0"]
+                cmd = [sys.executable, __file__, "--runs", str(args.runs), "--layer-layout", args.layer_layout,
+                       "--_one", model, precision, "1" if cached else "0"]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"{model} {precision}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -120,13 +125,13 @@ def main() -> None:
     machine = platform.processor() or platform.machine()
     print(f"\npredict_action, batch 1, 5 steps, 32 lang + 4374 img tokens | {machine}"
           f" | jax {jax.__version__} | {jax.devices()[0].device_kind}")
-    header = (f"{'model':9} {'precision':11} {'K/V cache':9} {'compile s':>9} {'median s':>9} {'min s':>7} "
+    header = (f"{'model':9} {'precision':11} {'layers':9} {'K/V cache':9} {'compile s':>9} {'median s':>9} {'min s':>7} "
               f"{'peak RSS GiB':>12} {'GFLOP':>8} {'(XLA)':>8} {'GFLOP/s':>8} {'vs official':>11} {'RSS vs off.':>11}")
     print(header)
     print("-" * len(header))
     for r in results:
         best_s, best_rss = OFFICIAL_HERE.get(r["model"], (float("nan"), float("nan")))
-        print(f"{r['model']:9} {r['precision']:11} {'yes' if r['cached_kv'] else 'no':9} {r['compile_s']:9.1f} "
+        print(f"{r['model']:9} {r['precision']:11} {r['layer_layout']:9} {'yes' if r['cached_kv'] else 'no':9} {r['compile_s']:9.1f} "
               f"{r['median_s']:9.2f} {r['min_s']:7.2f} {r['peak_rss_gib']:12.2f} {r['gflop']:8.1f} "
               f"{r['xla_gflop']:8.1f} {r['gflops_per_s']:8.1f} {best_s / r['median_s']:10.2f}x "
               f"{r['peak_rss_gib'] / best_rss:10.2f}x")

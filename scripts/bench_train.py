@@ -47,7 +47,7 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / min(ts)
 
 
-def run_case(case: str, steps: int, mu_dtype: str) -> dict:
+def run_case(case: str, steps: int, mu_dtype: str, layer_layout: str = "auto") -> dict:
     import jax
     import numpy as np
 
@@ -79,7 +79,8 @@ def run_case(case: str, steps: int, mu_dtype: str) -> dict:
     abstract = jax.eval_shape(fresh, params)
     state = jax.jit(fresh, out_shardings=state_shardings(abstract, mesh), donate_argnums=0)(params)
     del params
-    step = make_train_step(rcfg, tx, schedule, rcfg.ema, mesh, abstract, shapes, None, ema_enabled=False)
+    step = make_train_step(rcfg, tx, schedule, rcfg.ema, mesh, abstract, shapes, None, ema_enabled=False,
+                           layer_layout=layer_layout)
     dev_batch = jax.device_put(batch)
     t0 = time.perf_counter()
     compiled = step.lower(state, None, dev_batch).compile()
@@ -97,7 +98,7 @@ def run_case(case: str, steps: int, mu_dtype: str) -> dict:
     peak = matmul_peak("float32" if dtype == "float32" else "bfloat16")
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     return {"case": case, "params": n_params, "batch": b, "compute_dtype": dtype, "remat": remat,
-            "mu_dtype": mu_dtype, "step_s_median": med, "step_times": times, "compile_s": compile_s,
+            "mu_dtype": mu_dtype, "layer_layout": layer_layout, "step_s_median": med, "step_times": times, "compile_s": compile_s,
             "flops": flops, "matmul_peak_flops": peak, "utilisation": flops / med / peak,
             "loss": float(m["loss"]), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -107,16 +108,19 @@ def main() -> int:
     ap.add_argument("--case", action="append", help="model:batch:compute_dtype:remat (repeatable)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--mu-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--layer-layout", default="auto", choices=["auto", "stacked", "per_layer"],
+                    help="how the step runs the blocks (auto: per_layer on CPU)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="append per-case JSON lines here")
     a = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if a.one:
-        print("RESULT " + json.dumps(run_case(a.case[0], a.steps, a.mu_dtype)), flush=True)
+        print("RESULT " + json.dumps(run_case(a.case[0], a.steps, a.mu_dtype, a.layer_layout)), flush=True)
         return 0
     rows = []
     for case in a.case or CASES:
-        cmd = [sys.executable, __file__, "--one", "--case", case, "--steps", str(a.steps), "--mu-dtype", a.mu_dtype]
+        cmd = [sys.executable, __file__, "--one", "--case", case, "--steps", str(a.steps), "--mu-dtype", a.mu_dtype,
+               "--layer-layout", a.layer_layout]
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = [s for s in p.stdout.splitlines() if s.startswith("RESULT ")]
         if p.returncode or not line:

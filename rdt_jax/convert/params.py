@@ -10,6 +10,7 @@ import numpy as np
 from rdt_jax.convert.keys import KeySpec, key_specs
 from rdt_jax.convert.weights_io import WeightFileError, WeightReader
 from rdt_jax.model.config import RDTConfig
+from rdt_jax.model.layer_layout import is_per_layer, stack_blocks
 
 PureParams = dict[str, Any]
 
@@ -91,7 +92,12 @@ def check_params(params: PureParams, cfg: RDTConfig, what: str = "params") -> No
 
 
 def torch_state_from_params(params: PureParams, cfg: RDTConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """(official key, array in the official layout), in the official state-dict order."""
+    """(official key, array in the official layout), in the official state-dict order.
+
+    ``params`` may be in either layer layout (stacked, or per-layer as a CPU runner holds them).
+    """
+    if is_per_layer(params):
+        params = stack_blocks(params)
     check_params(params, cfg)
     for spec in key_specs(cfg):
         value = np.asarray(_get(params, spec.path))

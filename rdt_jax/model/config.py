@@ -19,6 +19,7 @@ import jax.numpy as jnp
 NormForm = Literal["timm_var", "rms"]
 AttentionImpl = Literal["xla", "cudnn", "pallas", "reference"]
 RematPolicy = Literal["none", "full", "save_dots"]
+LayerLayout = Literal["stacked", "per_layer"]
 
 _ADAPTOR_RE = re.compile(r"^mlp(\d+)x_gelu$")
 
@@ -74,6 +75,11 @@ class RDTConfig:
     dtype: str = "float32"  # compute dtype
     attention_impl: AttentionImpl = "xla"
     remat: RematPolicy = "none"
+    # "stacked": blocks stored with a leading layer axis and run by lax.scan (compile time flat in
+    # depth; training). "per_layer": one parameter set per block, run by a Python loop. XLA:CPU copies
+    # each scanned layer's weights out of the stack on every iteration (and the condition K/V too),
+    # which is half of a denoising step on CPU; the runner uses "per_layer" there.
+    layer_layout: LayerLayout = "stacked"
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -88,6 +94,8 @@ class RDTConfig:
             adaptor_depth(getattr(self, name))  # validates the spec string
         if self.attention_impl not in ("xla", "cudnn", "pallas", "reference"):
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}")
+        if self.layer_layout not in ("stacked", "per_layer"):
+            raise ValueError(f"layer_layout must be 'stacked' or 'per_layer', got {self.layer_layout!r}")
         if self.remat not in ("none", "full", "save_dots"):
             raise ValueError(f"unknown remat policy {self.remat!r}")
         for name in ("param_dtype", "dtype"):

@@ -13,18 +13,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rdt_jax.model.blocks import FinalLayer, RDTBlock, layer_slice, stacked
+from rdt_jax.model.blocks import FinalLayer, RDTBlock, layer_slice, stacked, unstack
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layers import TimestepEmbedder
 from rdt_jax.model.pos_embed import initial_pos_tables
 
 
 class CondKV(NamedTuple):
-    """Per-block cross-attention keys/values of the conditions, stacked over blocks.
+    """Per-block cross-attention keys/values of the conditions.
 
     Head-major, the layout :func:`~rdt_jax.model.attention.head_major_attention` takes: ``lang_k``
     (n_lang_blocks, B, H, hd, L), ``lang_v`` (n_lang_blocks, B, H, L, hd); ``img_k``/``img_v`` the
-    same over the n_img_blocks image blocks and I image tokens.
+    same over the n_img_blocks image blocks and I image tokens. Stacked over blocks for the
+    ``stacked`` layer layout; tuples of per-block arrays for ``per_layer`` (``kv.img_k[i]`` is block
+    ``i``'s either way).
     """
 
     lang_k: jax.Array
@@ -55,7 +57,15 @@ class RDT(nnx.Module):
             self.img_blocks = stacked(lambda r: RDTBlock(cfg, rngs=r), cfg.num_img_blocks, k_img)
         else:
             self.img_blocks = None
+        if cfg.layer_layout == "per_layer":
+            self.lang_blocks = unstack(self.lang_blocks, cfg.num_lang_blocks)
+            if self.img_blocks is not None:
+                self.img_blocks = unstack(self.img_blocks, cfg.num_img_blocks)
         self.final_layer = FinalLayer(cfg, rngs=rngs)
+
+    @property
+    def per_layer(self) -> bool:
+        return self.config.layer_layout == "per_layer"
 
     # ------------------------------------------------------------------ conditions
     def add_cond_pos(self, lang_c: jax.Array | None, img_c: jax.Array | None) -> tuple[Any, Any]:
@@ -80,7 +90,10 @@ class RDT(nnx.Module):
         """Every block's condition K (after k-norm) and V; constant across denoising steps."""
         lc, ic = self.add_cond_pos(lang_c.astype(self.config.jnp_dtype), img_c.astype(self.config.jnp_dtype))
 
-        def kv_of(blocks: nnx.Module, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def kv_of(blocks: nnx.Module, cond: jax.Array) -> tuple[Any, Any]:
+            if self.per_layer:
+                ks, vs = zip(*(block.cross_attn.cond_kv(cond) for block in blocks), strict=True)
+                return tuple(ks), tuple(vs)
             graphdef, state = nnx.split(blocks)
 
             def body(_, layer_state):
@@ -130,7 +143,7 @@ class RDT(nnx.Module):
             lc = ic = None
         if lang_mask is not None:
             lang_mask = jnp.asarray(lang_mask, bool)
-            expected = (batch, lc.shape[1] if lc is not None else cond_kv.lang_k.shape[-1])
+            expected = (batch, lc.shape[1] if lc is not None else cond_kv.lang_k[0].shape[-1])
             if lang_mask.shape != expected:
                 raise ValueError(f"lang_mask must have shape {expected}, got {lang_mask.shape}")
 
@@ -145,6 +158,8 @@ class RDT(nnx.Module):
         }
 
     def _run_blocks(self, h, lc, ic, lang_mask, cond_kv: CondKV | None, capture: bool):
+        if self.per_layer:
+            return self._run_blocks_per_layer(h, lc, ic, lang_mask, cond_kv, capture)
         cfg = self.config
         n_pairs = cfg.num_img_blocks
         lang_gd, lang_state = nnx.split(layer_slice(self.lang_blocks, 0, n_pairs) if n_pairs else self.lang_blocks)
@@ -177,3 +192,27 @@ class RDT(nnx.Module):
             h = nnx.merge(gd, jax.tree.map(lambda a: a[0], st))(h, lc, lang_mask, kv)
             outs.append(h[None])
         return h, (jnp.concatenate(outs, axis=0) if capture else None)
+
+    def _run_blocks_per_layer(self, h, lc, ic, lang_mask, cond_kv: CondKV | None, capture: bool):
+        cfg = self.config
+
+        def run(block_state, h, i):
+            lang = i % 2 == 0
+            kv = None
+            if cond_kv is not None:
+                kv = (cond_kv.lang_k[i // 2], cond_kv.lang_v[i // 2]) if lang else (cond_kv.img_k[i // 2],
+                                                                                   cond_kv.img_v[i // 2])
+            graphdef = block_graphdef[lang]
+            return nnx.merge(graphdef, block_state)(h, lc if lang else ic, lang_mask if lang else None, kv)
+
+        block_graphdef = {True: nnx.graphdef(self.lang_blocks[0])}
+        if self.img_blocks is not None:
+            block_graphdef[False] = nnx.graphdef(self.img_blocks[0])
+        if cfg.remat != "none":
+            run = jax.checkpoint(run, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(2,))
+        outs = []
+        for i in range(cfg.depth):
+            block = self.lang_blocks[i // 2] if i % 2 == 0 else self.img_blocks[i // 2]
+            h = run(nnx.state(block), h, i)
+            outs.append(h)
+        return h, (jnp.stack(outs) if capture else None)

@@ -24,6 +24,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute (bf16 = official mixed precision)
     remat: Literal["none", "full", "save_dots"] = "none"
+    # How the train step runs the blocks (checkpoints store them stacked either way): "stacked" =
+    # lax.scan over layers, compile time flat in depth; "per_layer" = Python loop, faster on CPU;
+    # "auto" = per_layer on CPU, stacked elsewhere.
+    layer_layout: Literal["auto", "stacked", "per_layer"] = "auto"
     # A directory written by convert_torch_weights.py (or a previous export); None = random init.
     init_from: str | None = None
 

@@ -136,7 +136,8 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     host_batch = step_batch(first, with_images=True)
     shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * nproc, *v.shape[1:]), v.dtype) for k, v in host_batch.items()}
     step_fn = make_train_step(rcfg, tx, schedule, cfg.ema, mesh, abstract, shapes, encoder,
-                              grad_accum=cfg.grad_accum, ema_enabled=cfg.ema_enabled)
+                              grad_accum=cfg.grad_accum, ema_enabled=cfg.ema_enabled,
+                              layer_layout=cfg.model.layer_layout)
     sample_fn = make_sample_step(rcfg, mesh, encoder, cfg.validation.num_inference_steps)
     writer = MetricWriter(out, cfg.log, meta["train_config"], enabled=is_main)
     pbar = None

@@ -25,7 +25,8 @@ from jax.sharding import Mesh
 from rdt_jax.model.config import PRESETS as MODEL_PRESETS
 from rdt_jax.model.config import EmaConfig, RDTConfig
 from rdt_jax.model.policy import RDTPolicy
-from rdt_jax.runner import abstract_policy
+from rdt_jax.model.layer_layout import stack_blocks, unstack_blocks
+from rdt_jax.runner import abstract_policy, resolve_layer_layout
 from rdt_jax.training import ema as ema_lib
 from rdt_jax.training.config import ImageEncoderConfig, ModelConfig
 from rdt_jax.training.sharding import batch_sharding, replicated, tree_shardings
@@ -161,10 +162,18 @@ def make_train_step(
     *,
     grad_accum: int = 1,
     ema_enabled: bool = True,
+    layer_layout: str = "auto",
 ) -> Callable:
     """``step(state, enc_params, batch) -> (state, metrics)``, jitted with explicit shardings; ``state`` is
-    donated (its buffers are reused for the new state, so params/moments are never held twice)."""
-    graphdef = model_graphdef(rcfg)
+    donated (its buffers are reused for the new state, so params/moments are never held twice).
+
+    The state always holds the blocks stacked. ``layer_layout`` is how the step runs them:
+    ``stacked`` scans over layers (compile time flat in depth); ``per_layer`` slices the blocks once
+    per step and runs a Python loop, restacking the gradients. On CPU (``auto``) the latter avoids
+    XLA:CPU's per-iteration copies of each layer's weights, gradients and saved activations.
+    """
+    per_layer = resolve_layer_layout(layer_layout) == "per_layer"
+    graphdef = model_graphdef(rcfg.replace(layer_layout="per_layer" if per_layer else "stacked"))
     num_t = rcfg.noise_scheduler.num_train_timesteps
     k = grad_accum
 
@@ -179,7 +188,15 @@ def make_train_step(
             mb["lang_embeds"], mb["lang_attn_mask"], img, mb["states"][:, -1:], mb["actions"],
             mb["state_elem_mask"][:, None, :], mb["ctrl_freqs"], noise, t)
 
-    grad_fn = jax.value_and_grad(micro_loss)
+    def loss_and_grads(params, mb, noise, t, enc_params):
+        if not per_layer:
+            return jax.value_and_grad(micro_loss)(params, mb, noise, t, enc_params)
+        # unstack_blocks pops the leaves it converts: give it a fresh tree.
+        layers = unstack_blocks(jax.tree.map(lambda x: x, params))
+        loss, grads = jax.value_and_grad(micro_loss)(layers, mb, noise, t, enc_params)
+        return loss, stack_blocks(grads)
+
+    grad_fn = loss_and_grads
 
     def step(state, enc_params, batch):
         params = state["params"]

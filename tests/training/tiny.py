@@ -49,7 +49,7 @@ def initial_params(rcfg) -> dict:
 
 
 def build(rcfg, tx, schedule, mesh_shape: tuple[int, int], *, grad_accum: int = 1, b: int = B, devices=None,
-          params=None):
+          params=None, layer_layout: str = "auto"):
     mesh = make_mesh(MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1]),
                      devices if devices is not None else jax.devices()[: mesh_shape[0] * mesh_shape[1]])
     params = initial_params(rcfg) if params is None else params
@@ -57,10 +57,11 @@ def build(rcfg, tx, schedule, mesh_shape: tuple[int, int], *, grad_accum: int = 
     abstract = jax.eval_shape(fresh, params)
     shardings = state_shardings(abstract, mesh)
     state = jax.jit(fresh, out_shardings=shardings)(params)
-    key = (rcfg, id(tx), tuple(d.id for d in mesh.devices.flat), mesh_shape, grad_accum, b)
+    key = (rcfg, id(tx), tuple(d.id for d in mesh.devices.flat), mesh_shape, grad_accum, b, layer_layout)
     if key not in _STEPS:  # one compiled step per configuration and process
         shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch(0, b).items()}
-        step = make_train_step(rcfg, tx, schedule, rcfg.ema, mesh, abstract, shapes, None, grad_accum=grad_accum)
+        step = make_train_step(rcfg, tx, schedule, rcfg.ema, mesh, abstract, shapes, None, grad_accum=grad_accum,
+                               layer_layout=layer_layout)
         abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                       abstract, shardings)
         _STEPS[key] = (tx, step.lower(abstract_state, None, shapes).compile())
