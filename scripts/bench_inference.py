@@ -27,9 +27,9 @@ PRECISIONS = {
     "bf16": ("bfloat16", "bfloat16"),
     "bf16w-fp32": ("bfloat16", "float32"),  # bf16 weights in memory, float32 arithmetic
 }
-# The official PyTorch code measured on this machine (BENCHMARKS.md): its best (fp32, bf16 is 4.6x
-# slower without native bf16) median seconds and peak RSS GiB, batch 1.
-OFFICIAL_HERE = {"rdt-170m": (10.14, 1.09), "rdt-1b": (71.4, 5.16)}
+# The official PyTorch code measured on this machine (BENCHMARKS.md, 2026-12-02, AVX512-BF16 Zen 5):
+# its best time (bf16, native here) in median seconds, and that run's process peak RSS in GiB, batch 1.
+OFFICIAL_HERE = {"rdt-170m": (3.608, 0.99), "rdt-1b": (16.396, 4.96)}
 
 
 def run_one(model: str, precision: str, runs: int, cached: bool, layer_layout: str) -> dict:
@@ -125,15 +125,16 @@ def main() -> None:
     machine = platform.processor() or platform.machine()
     print(f"\npredict_action, batch 1, 5 steps, 32 lang + 4374 img tokens | {machine}"
           f" | jax {jax.__version__} | {jax.devices()[0].device_kind}")
-    header = (f"{'model':9} {'precision':11} {'layers':9} {'K/V cache':9} {'compile s':>9} {'median s':>9} {'min s':>7} "
-              f"{'peak RSS GiB':>12} {'GFLOP':>8} {'(XLA)':>8} {'GFLOP/s':>8} {'vs official':>11} {'RSS vs off.':>11}")
+    header = (f"{'model':9} {'precision':11} {'layers':9} {'K/V cache':9} {'compile s':>9} {'median s':>9} "
+              f"{'min s':>7} {'peak RSS GiB':>12} {'GFLOP':>8} {'(XLA)':>8} {'GFLOP/s':>8} {'vs official':>11} "
+              f"{'RSS vs off.':>11}")
     print(header)
     print("-" * len(header))
     for r in results:
         best_s, best_rss = OFFICIAL_HERE.get(r["model"], (float("nan"), float("nan")))
-        print(f"{r['model']:9} {r['precision']:11} {r['layer_layout']:9} {'yes' if r['cached_kv'] else 'no':9} {r['compile_s']:9.1f} "
-              f"{r['median_s']:9.2f} {r['min_s']:7.2f} {r['peak_rss_gib']:12.2f} {r['gflop']:8.1f} "
-              f"{r['xla_gflop']:8.1f} {r['gflops_per_s']:8.1f} {best_s / r['median_s']:10.2f}x "
+        print(f"{r['model']:9} {r['precision']:11} {r['layer_layout']:9} {'yes' if r['cached_kv'] else 'no':9} "
+              f"{r['compile_s']:9.1f} {r['median_s']:9.2f} {r['min_s']:7.2f} {r['peak_rss_gib']:12.2f} "
+              f"{r['gflop']:8.1f} {r['xla_gflop']:8.1f} {r['gflops_per_s']:8.1f} {best_s / r['median_s']:10.2f}x "
               f"{r['peak_rss_gib'] / best_rss:10.2f}x")
     if args.json:
         with open(args.json, "w") as f:

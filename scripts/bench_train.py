@@ -26,8 +26,9 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 CASES = ["rdt-170m:2:float32:none", "rdt-170m:2:bfloat16:none", "rdt-1b:1:bfloat16:full", "rdt-1b:1:float32:full"]
-# The official code measured on this machine (BENCHMARKS.md): its best step, fp32 (no native bf16 here).
-OFFICIAL_HERE = {"rdt-170m": 14.1, "rdt-1b": 55.9}
+# The official code measured on this machine (BENCHMARKS.md, 2026-12-02): its best step, median s
+# (rdt-170m: bf16 autocast; rdt-1b: fp32, the only precision measured for it).
+OFFICIAL_HERE = {"rdt-170m": 4.256, "rdt-1b": 35.608}
 # rdt-1b memory floor of the issue: fp32 params, grads and both AdamW moments, 4 x 4 bytes per parameter.
 FLOOR_BYTES_PER_PARAM = 16
 
@@ -98,7 +99,8 @@ def run_case(case: str, steps: int, mu_dtype: str, layer_layout: str = "auto") -
     peak = matmul_peak("float32" if dtype == "float32" else "bfloat16")
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     return {"case": case, "params": n_params, "batch": b, "compute_dtype": dtype, "remat": remat,
-            "mu_dtype": mu_dtype, "layer_layout": layer_layout, "step_s_median": med, "step_times": times, "compile_s": compile_s,
+            "mu_dtype": mu_dtype, "layer_layout": layer_layout, "step_s_median": med, "step_times": times,
+            "compile_s": compile_s,
             "flops": flops, "matmul_peak_flops": peak, "utilisation": flops / med / peak,
             "loss": float(m["loss"]), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 

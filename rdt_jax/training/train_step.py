@@ -24,8 +24,8 @@ from jax.sharding import Mesh
 
 from rdt_jax.model.config import PRESETS as MODEL_PRESETS
 from rdt_jax.model.config import EmaConfig, RDTConfig
-from rdt_jax.model.policy import RDTPolicy
 from rdt_jax.model.layer_layout import stack_blocks, unstack_blocks
+from rdt_jax.model.policy import RDTPolicy
 from rdt_jax.runner import abstract_policy, resolve_layer_layout
 from rdt_jax.training import ema as ema_lib
 from rdt_jax.training.config import ImageEncoderConfig, ModelConfig
