@@ -97,8 +97,8 @@ class RDTRunner:
         """A randomly initialised model with the official initialisation (same values in either layout)."""
         layer_layout = resolve_layer_layout(layer_layout)
         stacked_cfg = cfg.replace(layer_layout="stacked")
-        if layer_layout == "stacked":
-            return cls(init_policy(stacked_cfg, seed))
+        # Initialised stacked, then split layer by layer: the stacked initialiser draws one layer at a
+        # time (lax.map), where a per-layer program keeps every layer's random bits alive at once.
         state = nnx.state(init_policy(stacked_cfg, seed))
         params = nnx.to_pure_dict(state)
         del state

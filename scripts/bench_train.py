@@ -48,7 +48,7 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / min(ts)
 
 
-def run_case(case: str, steps: int, mu_dtype: str, layer_layout: str = "auto") -> dict:
+def run_case(case: str, steps: int, mu_dtype: str, layer_layout: str = "stacked") -> dict:
     import jax
     import numpy as np
 
@@ -110,7 +110,7 @@ def main() -> int:
     ap.add_argument("--case", action="append", help="model:batch:compute_dtype:remat (repeatable)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--mu-dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--layer-layout", default="auto", choices=["auto", "stacked", "per_layer"],
+    ap.add_argument("--layer-layout", default="stacked", choices=["auto", "stacked", "per_layer"],
                     help="how the step runs the blocks (auto: per_layer on CPU)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="append per-case JSON lines here")

@@ -119,10 +119,9 @@ def stacked(make, n: int, key: jax.Array) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
-def unstack(module: nnx.Module, n: int) -> nnx.List:
-    """A stacked module (leading layer axis) as a list of ``n`` separate modules."""
-    graphdef, state = nnx.split(module)
-    return nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)])
+def per_layer(make, n: int, key: jax.Array) -> nnx.List:
+    """The same ``n`` layers as :func:`stacked` (same keys, same values), each its own module."""
+    return nnx.List([make(nnx.Rngs(k)) for k in jax.random.split(key, n)])
 
 
 def layer_slice(module: nnx.Module, start: int, stop: int) -> nnx.Module:

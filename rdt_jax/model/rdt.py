@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rdt_jax.model.blocks import FinalLayer, RDTBlock, layer_slice, stacked, unstack
+from rdt_jax.model.blocks import FinalLayer, RDTBlock, layer_slice, per_layer, stacked
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layers import TimestepEmbedder
 from rdt_jax.model.pos_embed import initial_pos_tables
@@ -52,15 +52,13 @@ class RDT(nnx.Module):
             setattr(self, name, nnx.Param(jnp.asarray(table[None], dtype=cfg.jnp_param_dtype)))
         key = rngs.params()
         k_lang, k_img = jax.random.split(key)
-        self.lang_blocks = stacked(lambda r: RDTBlock(cfg, rngs=r), cfg.num_lang_blocks, k_lang)
+        # Per-layer blocks get the same keys, hence the same values, as the stacked ones.
+        layers = per_layer if cfg.layer_layout == "per_layer" else stacked
+        self.lang_blocks = layers(lambda r: RDTBlock(cfg, rngs=r), cfg.num_lang_blocks, k_lang)
         if cfg.num_img_blocks:
-            self.img_blocks = stacked(lambda r: RDTBlock(cfg, rngs=r), cfg.num_img_blocks, k_img)
+            self.img_blocks = layers(lambda r: RDTBlock(cfg, rngs=r), cfg.num_img_blocks, k_img)
         else:
             self.img_blocks = None
-        if cfg.layer_layout == "per_layer":
-            self.lang_blocks = unstack(self.lang_blocks, cfg.num_lang_blocks)
-            if self.img_blocks is not None:
-                self.img_blocks = unstack(self.img_blocks, cfg.num_img_blocks)
         self.final_layer = FinalLayer(cfg, rngs=rngs)
 
     @property

@@ -25,9 +25,10 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute (bf16 = official mixed precision)
     remat: Literal["none", "full", "save_dots"] = "none"
     # How the train step runs the blocks (checkpoints store them stacked either way): "stacked" =
-    # lax.scan over layers, compile time flat in depth; "per_layer" = Python loop, faster on CPU;
-    # "auto" = per_layer on CPU, stacked elsewhere.
-    layer_layout: Literal["auto", "stacked", "per_layer"] = "auto"
+    # lax.scan over layers, compile time flat in depth; "per_layer" = slices the blocks once per step
+    # and runs a Python loop: faster for bf16 compute on CPU (BENCHMARKS.md), at the cost of one more
+    # copy of the block weights and gradients; "auto" = per_layer on CPU, stacked elsewhere.
+    layer_layout: Literal["auto", "stacked", "per_layer"] = "stacked"
     # A directory written by convert_torch_weights.py (or a previous export); None = random init.
     init_from: str | None = None
 

@@ -162,7 +162,7 @@ def make_train_step(
     *,
     grad_accum: int = 1,
     ema_enabled: bool = True,
-    layer_layout: str = "auto",
+    layer_layout: str = "stacked",
 ) -> Callable:
     """``step(state, enc_params, batch) -> (state, metrics)``, jitted with explicit shardings; ``state`` is
     donated (its buffers are reused for the new state, so params/moments are never held twice).

@@ -20,7 +20,7 @@ def setup():
     return tiny.setup(OptimConfig(learning_rate=1e-3, eps=1e-6))
 
 
-def _run(setup, mesh_shape, grad_accum=1, steps=STEPS, layer_layout="auto"):
+def _run(setup, mesh_shape, grad_accum=1, steps=STEPS, layer_layout="stacked"):
     _, state, step, _ = tiny.build(*setup, mesh_shape, grad_accum=grad_accum, layer_layout=layer_layout)
     losses = []
     for i in range(steps):

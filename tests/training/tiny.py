@@ -49,7 +49,7 @@ def initial_params(rcfg) -> dict:
 
 
 def build(rcfg, tx, schedule, mesh_shape: tuple[int, int], *, grad_accum: int = 1, b: int = B, devices=None,
-          params=None, layer_layout: str = "auto"):
+          params=None, layer_layout: str = "stacked"):
     mesh = make_mesh(MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1]),
                      devices if devices is not None else jax.devices()[: mesh_shape[0] * mesh_shape[1]])
     params = initial_params(rcfg) if params is None else params
