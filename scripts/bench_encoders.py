@@ -54,6 +54,8 @@ class Args:
     tokens: int = 32
     layers: int | None = None
     """Override the depth of both models (for quick runs); None = the published depth."""
+    layer_layout: Literal["per_layer", "stacked"] = "per_layer"
+    """JAX parameter layout: per-layer arrays, unrolled (fast on CPU), or stacked + lax.scan."""
     timeout_s: int = 5400
     """Per-subprocess time limit."""
     json_out: pathlib.Path | None = None
@@ -142,6 +144,7 @@ def _worker_jax(spec: dict) -> dict:
 
     dtype = jnp.dtype(spec["dtype"])
     layers = spec["layers"]
+    layout = spec.get("layer_layout", "per_layer")
     t0 = time.perf_counter()
     hf = _hf_model(spec["model"], layers, __import__("torch").float32)
     shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
@@ -149,15 +152,15 @@ def _worker_jax(spec: dict) -> dict:
     rng = np.random.default_rng(1)
     if spec["model"] == "siglip":
         cfg = dataclasses.replace(SIGLIP_SO400M_384, num_hidden_layers=layers or 27)
-        abstract = nnx.eval_shape(lambda: SiglipVisionTower(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-        sources, ignore = siglip_sources(cfg), SIGLIP_IGNORED
+        abstract = nnx.eval_shape(lambda: SiglipVisionTower(cfg, dtype=dtype, layer_layout=layout, rngs=nnx.Rngs(0)))
+        sources, ignore = siglip_sources(cfg, layer_layout=layout), SIGLIP_IGNORED
         x = rng.uniform(-1, 1, (1, spec["images"], 3, 384, 384)).astype(np.float32)
         fn = lambda m, x: encode_images(m, x)
         args = (jnp.asarray(x),)
     else:
         cfg = dataclasses.replace(T5_V1_1_XXL, num_layers=layers or 24)
-        abstract = nnx.eval_shape(lambda: T5Encoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-        sources, ignore = t5_sources(cfg), ()
+        abstract = nnx.eval_shape(lambda: T5Encoder(cfg, dtype=dtype, layer_layout=layout, rngs=nnx.Rngs(0)))
+        sources, ignore = t5_sources(cfg, layer_layout=layout), ()
         shapes.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight
         ids = rng.integers(2, cfg.vocab_size, (1, spec["tokens"])).astype(np.int32)
         fn = lambda m, ids, mask: m(ids, mask)
@@ -189,6 +192,7 @@ def _worker_jax(spec: dict) -> dict:
         out_shape=list(out.shape),
         threads=os.cpu_count(),
         version=f"jax {jax.__version__}",
+        layer_layout=layout,
     )
 
 
@@ -274,6 +278,8 @@ def table(results: list[dict]) -> str:
         name = f"SigLIP so400m ×{r['images']} img" if r["model"] == "siglip" else f"T5-XXL enc, {r['tokens']} tok"
         if r.get("layers"):
             name += f" ({r['layers']} layers)"
+        if r["framework"] == "jax" and r.get("layer_layout", "per_layer") != "per_layer":
+            name += f" [{r['layer_layout']}]"
         if "error" in r:
             rows.append(f"| {name} | {r['dtype']} | {r['framework']} | {r['error']} | | | | | | |")
             continue
@@ -309,6 +315,7 @@ def main() -> None:
                     images=args.images,
                     tokens=args.tokens,
                     layers=args.layers,
+                    layer_layout=args.layer_layout,
                 )
                 spec["gflop"] = gflop(model, args.images, args.tokens, args.layers)
                 print(f"running {model} {dtype} {fw} ...", file=sys.stderr, flush=True)

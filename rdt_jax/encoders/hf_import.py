@@ -45,6 +45,7 @@ __all__ = [
     "import_params",
     "logical_sharding",
     "make_sharding_fn",
+    "per_layer_sources",
     "read_config",
     "read_safetensors",
 ]
@@ -232,6 +233,20 @@ def linear_source(path: tuple[str, ...], keys: Sequence[str], d_in: int, d_out: 
 
 def vector_source(path: tuple[str, ...], keys: Sequence[str], n: int) -> ParamSource:
     return ParamSource(path, tuple((k,) for k in keys), (n,), stacked=True)
+
+
+def per_layer_sources(sources: Iterable[ParamSource]) -> list[ParamSource]:
+    """The same rules for the ``per_layer`` layout: a stacked source ``(group, *rest)`` becomes one
+    unstacked source ``(group, "i", *rest)`` per layer (the path of layer ``i`` of an ``nnx.List``)."""
+    out: list[ParamSource] = []
+    for src in sources:
+        if not src.stacked:
+            out.append(src)
+            continue
+        group, *rest = src.path
+        out += [dataclasses.replace(src, path=(group, str(i), *rest), keys=(k,), stacked=False)
+                for i, k in enumerate(src.keys)]
+    return out
 
 
 def _state_leaves(state: nnx.State) -> dict[tuple[str, ...], nnx.Variable]:

@@ -8,8 +8,12 @@ head is not used by RDT and is not built (its checkpoint keys are skipped on imp
 Layout choices (for speed and constant compile time):
 
 * the patch embedding is a reshape + one matmul (exactly a stride-P, "valid" convolution);
-* the layer parameters are stacked along a leading ``layers`` axis and run with
-  ``jax.lax.scan``, so one layer body is compiled whatever the depth;
+* ``layer_layout="per_layer"`` (default) keeps each layer's parameters separate (``layers`` is an
+  ``nnx.List``) and unrolls the layers: XLA:CPU's dots then read the weights in place.
+  ``"stacked"`` stacks them along a leading ``layers`` axis and runs ``jax.lax.scan`` (one layer
+  body compiled whatever the depth, but a copy of each layer's weights per call on CPU);
+* 16-bit compute multiplies with a float32 accumulator and rounds once (``_ops.dense``), as
+  PyTorch does, and the way XLA:CPU runs bf16 dots natively;
 * kernels are stored ``(in, out)`` so every projection is a plain ``x @ W``;
 * ``param_dtype`` and ``dtype`` (compute) are separate; LayerNorm statistics and the
   attention softmax are always float32.
@@ -33,6 +37,7 @@ from rdt_jax.encoders.hf_import import (
     import_params,
     linear_source,
     make_sharding_fn,
+    per_layer_sources,
     read_config,
     vector_source,
 )
@@ -105,32 +110,29 @@ SIGLIP_SO400M_384 = SiglipVisionConfig(
 
 
 class _Layers(nnx.Module):
-    """All encoder layers, each parameter stacked along a leading ``layers`` axis."""
+    """The parameters of one encoder layer, or (``n_layers``) of all, stacked along a leading ``layers`` axis."""
 
-    def __init__(self, cfg: SiglipVisionConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
-        n, d, f = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, cfg: SiglipVisionConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs, n_layers: int | None):
+        d, f = cfg.hidden_size, cfg.intermediate_size
         w = nnx.initializers.normal(0.02)
         zeros, ones = nnx.initializers.zeros, nnx.initializers.ones
-        p = lambda init, shape, names: _ops.param(rngs, init, shape, names, param_dtype)
-        self.ln1_scale = p(ones, (n, d), ("layers", "embed"))
-        self.ln1_bias = p(zeros, (n, d), ("layers", "embed"))
-        self.q_kernel = p(w, (n, d, d), ("layers", "embed", "heads"))
-        self.q_bias = p(zeros, (n, d), ("layers", "heads"))
-        self.k_kernel = p(w, (n, d, d), ("layers", "embed", "heads"))
-        self.k_bias = p(zeros, (n, d), ("layers", "heads"))
-        self.v_kernel = p(w, (n, d, d), ("layers", "embed", "heads"))
-        self.v_bias = p(zeros, (n, d), ("layers", "heads"))
-        self.o_kernel = p(w, (n, d, d), ("layers", "heads", "embed"))
-        self.o_bias = p(zeros, (n, d), ("layers", "embed"))
-        self.ln2_scale = p(ones, (n, d), ("layers", "embed"))
-        self.ln2_bias = p(zeros, (n, d), ("layers", "embed"))
-        self.fc1_kernel = p(w, (n, d, f), ("layers", "embed", "mlp"))
-        self.fc1_bias = p(zeros, (n, f), ("layers", "mlp"))
-        self.fc2_kernel = p(w, (n, f, d), ("layers", "mlp", "embed"))
-        self.fc2_bias = p(zeros, (n, d), ("layers", "embed"))
-
-    def arrays(self) -> dict[str, jax.Array]:
-        return _ops.param_arrays(self)
+        p = lambda init, shape, names: _ops.layer_param(rngs, init, n_layers, shape, names, param_dtype)
+        self.ln1_scale = p(ones, (d,), ("embed",))
+        self.ln1_bias = p(zeros, (d,), ("embed",))
+        self.q_kernel = p(w, (d, d), ("embed", "heads"))
+        self.q_bias = p(zeros, (d,), ("heads",))
+        self.k_kernel = p(w, (d, d), ("embed", "heads"))
+        self.k_bias = p(zeros, (d,), ("heads",))
+        self.v_kernel = p(w, (d, d), ("embed", "heads"))
+        self.v_bias = p(zeros, (d,), ("heads",))
+        self.o_kernel = p(w, (d, d), ("heads", "embed"))
+        self.o_bias = p(zeros, (d,), ("embed",))
+        self.ln2_scale = p(ones, (d,), ("embed",))
+        self.ln2_bias = p(zeros, (d,), ("embed",))
+        self.fc1_kernel = p(w, (d, f), ("embed", "mlp"))
+        self.fc1_bias = p(zeros, (f,), ("mlp",))
+        self.fc2_kernel = p(w, (f, d), ("mlp", "embed"))
+        self.fc2_bias = p(zeros, (d,), ("embed",))
 
 
 class SiglipVisionTower(nnx.Module):
@@ -142,10 +144,13 @@ class SiglipVisionTower(nnx.Module):
         *,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype | None = None,
+        layer_layout: _ops.LayerLayout = "per_layer",
         rngs: nnx.Rngs,
     ):
+        _ops.check_layout(layer_layout)
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
+        self.layer_layout = layer_layout
         param_dtype = jnp.dtype(param_dtype or dtype)
         d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
         mk = lambda init, shape, names: _ops.param(rngs, init, shape, names, param_dtype)
@@ -153,7 +158,12 @@ class SiglipVisionTower(nnx.Module):
         self.patch_kernel = mk(nnx.initializers.normal(0.02), (p, p, c, d), (None, None, None, "embed"))
         self.patch_bias = mk(nnx.initializers.zeros, (d,), ("embed",))
         self.pos_embed = mk(nnx.initializers.normal(0.02), (cfg.num_patches, d), (None, "embed"))
-        self.layers = _Layers(cfg, param_dtype=param_dtype, rngs=rngs)
+        if layer_layout == "stacked":
+            self.layers = _Layers(cfg, param_dtype=param_dtype, rngs=rngs, n_layers=cfg.num_hidden_layers)
+        else:
+            self.layers = nnx.List(
+                [_Layers(cfg, param_dtype=param_dtype, rngs=rngs, n_layers=None) for _ in range(cfg.num_hidden_layers)]
+            )
         self.post_ln_scale = mk(nnx.initializers.ones, (d,), ("embed",))
         self.post_ln_bias = mk(nnx.initializers.zeros, (d,), ("embed",))
 
@@ -172,7 +182,7 @@ class SiglipVisionTower(nnx.Module):
         # "valid" stride-p convolution == crop, cut into patches, one matmul.
         x = x[:, : gh * p, : gw * p, :].astype(dt)
         x = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
-        x = x @ self.patch_kernel[...].astype(dt).reshape(p * p * c, -1) + self.patch_bias[...].astype(dt)
+        x = _ops.dense(x, self.patch_kernel[...].astype(dt).reshape(p * p * c, -1), self.patch_bias[...].astype(dt))
         x = x + self.pos_embed[...].astype(dt)
 
         heads, hd, eps = cfg.num_attention_heads, cfg.head_dim, cfg.layer_norm_eps
@@ -181,19 +191,19 @@ class SiglipVisionTower(nnx.Module):
             lp = {k: v.astype(dt) for k, v in lp.items()}
             n = x.shape[1]
             y = _ops.layer_norm(x, lp["ln1_scale"], lp["ln1_bias"], eps)
-            q = (y @ lp["q_kernel"] + lp["q_bias"]).reshape(b, n, heads, hd)
-            k = (y @ lp["k_kernel"] + lp["k_bias"]).reshape(b, n, heads, hd)
-            v = (y @ lp["v_kernel"] + lp["v_bias"]).reshape(b, n, heads, hd)
+            q = _ops.dense(y, lp["q_kernel"], lp["q_bias"]).reshape(b, n, heads, hd)
+            k = _ops.dense(y, lp["k_kernel"], lp["k_bias"]).reshape(b, n, heads, hd)
+            v = _ops.dense(y, lp["v_kernel"], lp["v_bias"]).reshape(b, n, heads, hd)
             # Head-major K/V and head-grouped softmax: 2x faster than all-heads einsums on CPU
             # (the 6 x 16 x 729 x 729 scores no longer stream through memory); float32 softmax.
             o = head_major_attention(q, *to_head_major(k, v)).reshape(b, n, heads * hd)
-            x = x + (o @ lp["o_kernel"] + lp["o_bias"])
+            x = x + _ops.dense(o, lp["o_kernel"], lp["o_bias"])
             y = _ops.layer_norm(x, lp["ln2_scale"], lp["ln2_bias"], eps)
-            y = _ops.gelu_tanh(y @ lp["fc1_kernel"] + lp["fc1_bias"])
-            x = x + (y @ lp["fc2_kernel"] + lp["fc2_bias"])
+            y = _ops.gelu_tanh(_ops.dense(y, lp["fc1_kernel"], lp["fc1_bias"]))
+            x = x + _ops.dense(y, lp["fc2_kernel"], lp["fc2_bias"])
             return x, None
 
-        x = _ops.scan_layers(layer, x, self.layers.arrays())
+        x = _ops.run_layers(layer, x, self.layers)
         return _ops.layer_norm(x, self.post_ln_scale[...], self.post_ln_bias[...], eps)
 
 
@@ -202,8 +212,11 @@ class SiglipVisionTower(nnx.Module):
 _IGNORED = (r"(vision_model\.)?head\..*", r"text_model\..*", r"logit_scale", r"logit_bias")
 
 
-def siglip_sources(cfg: SiglipVisionConfig, prefix: str = "") -> list[ParamSource]:
+def siglip_sources(
+    cfg: SiglipVisionConfig, prefix: str = "", layer_layout: _ops.LayerLayout = "per_layer"
+) -> list[ParamSource]:
     """The HF key (and layout transform) of every parameter of :class:`SiglipVisionTower`."""
+    _ops.check_layout(layer_layout)
     d, f, p, c = cfg.hidden_size, cfg.intermediate_size, cfg.patch_size, cfg.num_channels
     layer = lambda name: [f"{prefix}encoder.layers.{i}.{name}" for i in range(cfg.num_hidden_layers)]
     one = lambda path, key, shape, tf=(lambda a: a): ParamSource(path, ((prefix + key,),), shape, tf)
@@ -233,7 +246,7 @@ def siglip_sources(cfg: SiglipVisionConfig, prefix: str = "") -> list[ParamSourc
         linear_source(("layers", "fc2_kernel"), layer("mlp.fc2.weight"), f, d),
         vector_source(("layers", "fc2_bias"), layer("mlp.fc2.bias"), d),
     ]
-    return src
+    return per_layer_sources(src) if layer_layout == "per_layer" else src
 
 
 def load_siglip(
@@ -241,23 +254,31 @@ def load_siglip(
     *,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype | None = None,
+    layer_layout: _ops.LayerLayout = "per_layer",
     mesh: jax.sharding.Mesh | None = None,
     rules: dict[str, Any] | None = None,
 ) -> SiglipVisionTower:
     """Build the vision tower from a Hugging Face directory (full SigLIP or SiglipVisionModel).
 
     Weights are converted to ``param_dtype`` (default: ``dtype``) on the host, tensor by tensor.
+    ``layer_layout``: see :class:`SiglipVisionTower` (``per_layer``, the default, is the fast one on CPU).
     With ``mesh``, each parameter is laid out by its logical axis names and ``rules``.
     """
     hf_dir = pathlib.Path(hf_dir)
     cfg = SiglipVisionConfig.from_hf(read_config(hf_dir), source=str(hf_dir / "config.json"))
-    model = nnx.eval_shape(lambda: SiglipVisionTower(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: SiglipVisionTower(cfg, dtype=dtype, param_dtype=param_dtype, layer_layout=layer_layout, rngs=nnx.Rngs(0))
+    )
     graphdef, abstract = nnx.split(model)
     rules = SIGLIP_SHARDING_RULES if rules is None else rules
     with CheckpointReader(hf_dir) as reader:
         # Full SigLIP checkpoints (and transformers 4.x SiglipVisionModel) prefix "vision_model.".
         prefix = "vision_model." if any(k.startswith("vision_model.") for k in reader.entries) else ""
         state = import_params(
-            reader, abstract, siglip_sources(cfg, prefix), ignore=_IGNORED, sharding_for=make_sharding_fn(mesh, rules)
+            reader,
+            abstract,
+            siglip_sources(cfg, prefix, layer_layout),
+            ignore=_IGNORED,
+            sharding_for=make_sharding_fn(mesh, rules),
         )
     return nnx.merge(graphdef, state)

@@ -69,16 +69,31 @@ def test_parity_float32(hf_factory, errs, name):
     assert rel_err(out_nhwc, ref) <= 1e-5
 
 
-def test_parity_bfloat16(hf_factory, errs):
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+def test_parity_bfloat16(hf_factory, errs, layout):
     rel_err, _ = errs
     model, path = hf_factory("siglip_vision", **CONFIGS["odd"])
     x = np.random.default_rng(2).uniform(-1, 1, (2, 3, 31, 31)).astype(np.float32)
     ref = _ref(model, x)
-    tower = load_siglip(path, dtype=jnp.bfloat16)
-    assert tower.layers.q_kernel[...].dtype == jnp.bfloat16
+    tower = load_siglip(path, dtype=jnp.bfloat16, layer_layout=layout)
+    layer0 = tower.layers[0] if layout == "per_layer" else tower.layers
+    assert layer0.q_kernel[...].dtype == jnp.bfloat16
     out = _forward(tower, x)
     assert np.isfinite(out).all()
     assert rel_err(out, ref) <= 2e-2, rel_err(out, ref)
+
+
+def test_layer_layouts_agree(hf_factory):
+    """Per-layer (unrolled) and stacked (scanned) parameters: the same float32 numbers, bit for bit."""
+    model, path = hf_factory("siglip_vision", **CONFIGS["odd"])
+    x = np.random.default_rng(6).uniform(-1, 1, (2, 3, 31, 31)).astype(np.float32)
+    per_layer = load_siglip(path)
+    stacked = load_siglip(path, layer_layout="stacked")
+    assert len(per_layer.layers) == 3 and per_layer.layers[2].fc1_kernel.shape == (36, 37)
+    assert stacked.layers.fc1_kernel.shape == (3, 36, 37)
+    np.testing.assert_array_equal(_forward(per_layer, x), _forward(stacked, x))
+    with pytest.raises(ValueError, match="layer_layout"):
+        load_siglip(path, layer_layout="scan")
 
 
 def test_full_siglip_checkpoint(hf_factory, errs):

@@ -96,29 +96,37 @@ def test_published_configs_parse():
     assert SIGLIP_SO400M_384.num_patches == 729 and SIGLIP_SO400M_384.head_dim == 72
 
 
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
-def test_siglip_so400m_tree(param_dtype):
+def test_siglip_so400m_tree(param_dtype, layout):
     cfg = SIGLIP_SO400M_384
-    ours = _our_leaves(nnx.eval_shape(lambda: SiglipVisionTower(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0))))
+    ours = _our_leaves(
+        nnx.eval_shape(lambda: SiglipVisionTower(cfg, param_dtype=param_dtype, layer_layout=layout, rngs=nnx.Rngs(0)))
+    )
     with torch.device("meta"):
         full = transformers.SiglipModel(transformers.SiglipConfig.from_dict(SO400M_CONFIG))
     hf = {k: v for k, v in _hf_shapes(full).items() if k.startswith("vision_model.") and ".head." not in k}
     assert len(hf) == 5 + 16 * 27
-    _check_one_to_one(siglip_sources(cfg, "vision_model."), ours, hf)
+    _check_one_to_one(siglip_sources(cfg, "vision_model.", layout), ours, hf)
+    assert len(ours) == 5 + 16 * (27 if layout == "per_layer" else 1)
     n_params = sum(int(np.prod(s)) for s in ours.values())
     assert n_params == sum(int(np.prod(s)) for s in hf.values())
     assert 0.41e9 < n_params < 0.42e9  # so400m's tower without the pooling head
 
 
-def test_t5_xxl_tree():
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+def test_t5_xxl_tree(layout):
     cfg = T5_V1_1_XXL
-    ours = _our_leaves(nnx.eval_shape(lambda: T5Encoder(cfg, param_dtype="bfloat16", rngs=nnx.Rngs(0))))
+    ours = _our_leaves(
+        nnx.eval_shape(lambda: T5Encoder(cfg, param_dtype="bfloat16", layer_layout=layout, rngs=nnx.Rngs(0)))
+    )
     hf_cfg = transformers.T5Config.from_dict(T5_XXL_CONFIG)
     with torch.device("meta"):
         enc = transformers.T5EncoderModel(hf_cfg)
     hf = _hf_shapes(enc)
     assert len(hf) == 2 + 1 + 1 + 9 * 24
-    _check_one_to_one(t5_sources(cfg), ours, hf, aliases=("encoder.embed_tokens.weight",))
+    _check_one_to_one(t5_sources(cfg, layout), ours, hf, aliases=("encoder.embed_tokens.weight",))
+    assert len(ours) == 3 + 9 * (24 if layout == "per_layer" else 1)
     n_params = sum(int(np.prod(s)) for s in ours.values())
     assert n_params == sum(int(np.prod(s)) for k, s in hf.items() if k != "encoder.embed_tokens.weight")
     assert 4.7e9 < n_params < 4.8e9

@@ -83,18 +83,32 @@ def test_parity_float32_padded_batch(hf_factory, errs, name):
     assert rel_err(_forward(enc, full, None), _ref(model, full, np.ones_like(full, bool))) <= 1e-5
 
 
-def test_parity_bfloat16(hf_factory, errs):
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+def test_parity_bfloat16(hf_factory, errs, layout):
     rel_err, _ = errs
     cfg = CONFIGS["odd"]
     model, path = hf_factory("t5_encoder", **cfg)
     ids, mask = _batch(cfg["vocab_size"], [33, 12], seed=1)
     ref = _ref(model, ids, mask)
-    enc = load_t5(path, dtype=jnp.bfloat16)
-    assert enc.blocks.wi_0[...].dtype == jnp.bfloat16
+    enc = load_t5(path, dtype=jnp.bfloat16, layer_layout=layout)
+    block0 = enc.blocks[0] if layout == "per_layer" else enc.blocks
+    assert block0.wi_0[...].dtype == jnp.bfloat16
     out = _forward(enc, ids, mask)
     assert np.isfinite(out).all()
     valid = mask[..., None].repeat(out.shape[-1], -1)
     assert rel_err(out[valid], ref[valid]) <= 2e-2, rel_err(out[valid], ref[valid])
+
+
+def test_layer_layouts_agree(hf_factory):
+    """Per-layer (unrolled) and stacked (scanned) parameters: the same float32 numbers, bit for bit."""
+    cfg = CONFIGS["odd"]
+    _, path = hf_factory("t5_encoder", **cfg)
+    ids, mask = _batch(cfg["vocab_size"], [33, 12], seed=3)
+    per_layer = load_t5(path)
+    stacked = load_t5(path, layer_layout="stacked")
+    assert len(per_layer.blocks) == 3 and per_layer.blocks[1].wo.shape == (37, 24)
+    assert stacked.blocks.wo.shape == (3, 37, 24)
+    np.testing.assert_array_equal(_forward(per_layer, ids, mask), _forward(stacked, ids, mask))
 
 
 def test_full_t5_checkpoint_and_bin_format(hf_factory, errs, tmp_path):
@@ -128,7 +142,8 @@ def test_sharded_safetensors_index(hf_factory, errs, tmp_path):
     assert rel_err(_forward(load_t5(tmp_path), ids, mask), _ref(model, ids, mask)) <= 1e-5
 
 
-def test_mesh_sharding(hf_factory, errs):
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+def test_mesh_sharding(hf_factory, errs, layout):
     """Loading onto an 8-device (fsdp=4, tensor=2) mesh shards the weights and keeps the outputs."""
     rel_err, _ = errs
     assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
@@ -136,14 +151,17 @@ def test_mesh_sharding(hf_factory, errs):
     model, path = hf_factory("t5_encoder", **cfg)
     ids, mask = _batch(cfg["vocab_size"], [16, 16, 9, 3], seed=4)
     ref = _ref(model, ids, mask)
-    plain = _forward(load_t5(path), ids, mask)
+    plain = _forward(load_t5(path, layer_layout=layout), ids, mask)
+    # Stacked parameters carry a leading (unsharded) layer axis.
+    lead, n = ((None,), (2,)) if layout == "stacked" else ((), ())
+    block = (lambda e: e.blocks) if layout == "stacked" else (lambda e: e.blocks[1])
 
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "tensor"))
-    enc = load_t5(path, mesh=mesh)
-    q = enc.blocks.q[...]
-    assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
-    assert {s.data.shape for s in q.addressable_shards} == {(2, 32 // 4, 32 // 2)}
-    assert enc.blocks.wo[...].sharding.spec == PartitionSpec(None, "tensor", "fsdp")
+    enc = load_t5(path, mesh=mesh, layer_layout=layout)
+    q = block(enc).q[...]
+    assert q.sharding.spec == PartitionSpec(*lead, "fsdp", "tensor")
+    assert {s.data.shape for s in q.addressable_shards} == {(*n, 32 // 4, 32 // 2)}
+    assert block(enc).wo[...].sharding.spec == PartitionSpec(*lead, "tensor", "fsdp")
     assert enc.embed[...].sharding.spec == PartitionSpec("tensor", "fsdp")
     sharded = _forward(enc, ids, mask)
     assert rel_err(sharded, plain) <= 1e-6
@@ -151,6 +169,6 @@ def test_mesh_sharding(hf_factory, errs):
 
     # FSDP only: one mesh axis, every width dimension split 8 ways.
     mesh8 = Mesh(np.array(jax.devices()), ("fsdp",))
-    enc8 = load_t5(path, mesh=mesh8)
-    assert enc8.blocks.wi_0[...].sharding.spec == PartitionSpec(None, "fsdp", None)
+    enc8 = load_t5(path, mesh=mesh8, layer_layout=layout)
+    assert block(enc8).wi_0[...].sharding.spec == PartitionSpec(*lead, "fsdp", None)
     assert rel_err(_forward(enc8, ids, mask), plain) <= 1e-6
