@@ -115,3 +115,29 @@ def test_bf16_linear_accumulates_in_float32_and_rounds_once():
                                rtol=2**-8, atol=1e-6)
     jaxpr = str(jax.make_jaxpr(lin)(x))
     assert "preferred_element_type=float32" in jaxpr
+
+
+def test_bf16_matmul_backward_equals_autodiff_of_the_same_products():
+    from rdt_jax.model.layers import matmul_f32_accumulate
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 7, 16)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((16, 5)), jnp.bfloat16)
+    ct = jnp.asarray(rng.standard_normal((2, 7, 5)), jnp.bfloat16).astype(jnp.float32)  # bf16-exact, as in Linear
+
+    def plain(x, w):
+        return jax.lax.dot_general(x, w, (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    np.testing.assert_array_equal(np.asarray(matmul_f32_accumulate(x, w)), np.asarray(plain(x, w)))
+    got = jax.vjp(matmul_f32_accumulate, x, w)[1](ct)
+    want = jax.vjp(plain, x, w)[1](ct)
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == r.dtype == jnp.bfloat16
+        # Same exact products, float32 accumulation in both: equal up to summation order and one bf16 rounding.
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=2**-7, atol=1e-6)
+    hlo = jax.jit(lambda x, w: jax.grad(lambda x, w: jnp.sum(matmul_f32_accumulate(x, w) * ct), (0, 1))(x, w))
+    dots = [line for line in hlo.lower(x, w).as_text().splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) == 2  # d/dx and d/dw (the gradient does not need the forward product)
+    for line in dots:  # every product takes two bf16 operands and yields float32
+        operands, result = line.split(" : (")[1].split(") -> ")
+        assert operands.count("xbf16>") == 2 and result.endswith("xf32>"), line
