@@ -38,7 +38,8 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
     import jax.numpy as jnp
 
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
+    # A float32 result: XLA:CPU's native bf16 kernels need it (a bf16 result converts the operands).
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     f(a, a).block_until_ready()
     ts = []
     for _ in range(reps):
