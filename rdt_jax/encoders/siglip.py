@@ -267,7 +267,8 @@ def load_siglip(
     hf_dir = pathlib.Path(hf_dir)
     cfg = SiglipVisionConfig.from_hf(read_config(hf_dir), source=str(hf_dir / "config.json"))
     model = nnx.eval_shape(
-        lambda: SiglipVisionTower(cfg, dtype=dtype, param_dtype=param_dtype, layer_layout=layer_layout, rngs=nnx.Rngs(0))
+        lambda: SiglipVisionTower(cfg, dtype=dtype, param_dtype=param_dtype, layer_layout=layer_layout,
+                                  rngs=nnx.Rngs(0))
     )
     graphdef, abstract = nnx.split(model)
     rules = SIGLIP_SHARDING_RULES if rules is None else rules

@@ -85,7 +85,7 @@ def test_parity_bfloat16(hf_factory, errs, layout):
 
 def test_layer_layouts_agree(hf_factory):
     """Per-layer (unrolled) and stacked (scanned) parameters: the same float32 numbers, bit for bit."""
-    model, path = hf_factory("siglip_vision", **CONFIGS["odd"])
+    _model, path = hf_factory("siglip_vision", **CONFIGS["odd"])
     x = np.random.default_rng(6).uniform(-1, 1, (2, 3, 31, 31)).astype(np.float32)
     per_layer = load_siglip(path)
     stacked = load_siglip(path, layer_layout="stacked")
