@@ -113,27 +113,32 @@ def _attend_group_bwd(q, kt, vh, bias, out, lse, dout):
     return dq, dkt, dvh
 
 
-def _take(x: jax.Array, i: jax.Array, g: int) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(x, i * g, g, axis=1)
+def _take(x: jax.Array, i: jax.Array, g: int, axis: int = 1) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, i * g, g, axis=axis)
 
 
-def _merge_groups(x: jax.Array) -> jax.Array:
-    """(n, B, g, ...) -> (B, n * g, ...)."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+def _to_sequence_major(x: jax.Array) -> jax.Array:
+    """Per-group results (n, B, g, T, d) -> (B, T, n * g, d), one transpose."""
+    n, b, g, t, d = x.shape
+    return jnp.transpose(x, (1, 3, 0, 2, 4)).reshape(b, t, n * g, d)
+
+
+def _group_map(fn, n_heads: int, g: int):
+    return jax.lax.map(fn, jnp.arange(n_heads // g))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _grouped_attention(qh, kt, vh, bias, g):
-    return _grouped_attention_fwd(qh, kt, vh, bias, g)[0]
+    """(B, T, H, hd) float32 attention output, computed head group by head group."""
+    out = _group_map(lambda i: _attend_group(_take(qh, i, g), _take(kt, i, g), _take(vh, i, g), bias)[0],
+                     qh.shape[1], g)
+    return _to_sequence_major(out)
 
 
 def _grouped_attention_fwd(qh, kt, vh, bias, g):
-    def group(i):
-        return _attend_group(_take(qh, i, g), _take(kt, i, g), _take(vh, i, g), bias)
-
-    out, lse = jax.lax.map(group, jnp.arange(qh.shape[1] // g))
-    out, lse = _merge_groups(out), _merge_groups(lse)
+    out, lse = _group_map(lambda i: _attend_group(_take(qh, i, g), _take(kt, i, g), _take(vh, i, g), bias),
+                          qh.shape[1], g)
+    out = _to_sequence_major(out)
     return out, (qh, kt, vh, bias, out, lse)
 
 
@@ -142,12 +147,20 @@ def _grouped_attention_bwd(g, res, dout):
     # add every group's slice gradient into full-size zero buffers (a full pass over dK/dV per group).
     qh, kt, vh, bias, out, lse = res
 
-    def group(i):
-        return _attend_group_bwd(_take(qh, i, g), _take(kt, i, g), _take(vh, i, g), bias, _take(out, i, g),
-                                 _take(lse, i, g), _take(dout, i, g))
+    def head_major(x: jax.Array, i: jax.Array) -> jax.Array:  # (B, T, H, hd) -> group i as (B, g, T, hd)
+        return jnp.swapaxes(_take(x, i, g, axis=2), 1, 2)
 
-    dq, dkt, dvh = jax.lax.map(group, jnp.arange(qh.shape[1] // g))
-    grads = (_merge_groups(dq), _merge_groups(dkt), _merge_groups(dvh))
+    def group(i):
+        return _attend_group_bwd(_take(qh, i, g), _take(kt, i, g), _take(vh, i, g), bias, head_major(out, i),
+                                 lse[i], head_major(dout, i))
+
+    dq, dkt, dvh = _group_map(group, qh.shape[1], g)
+
+    def merge(x: jax.Array) -> jax.Array:  # (n, B, g, ...) -> (B, n * g, ...)
+        x = jnp.moveaxis(x, 0, 1)
+        return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+    grads = (merge(dq), merge(dkt), merge(dvh))
     return (*(d.astype(x.dtype) for d, x in zip(grads, (qh, kt, vh), strict=True)),
             None if bias is None else jnp.zeros_like(bias))
 
@@ -186,5 +199,4 @@ def head_major_attention(
     # is sliced inside the loop from the arrays as they are: moving the group axis to the front for
     # lax.map's xs makes XLA copy all of K and V on every call.
     g = _group_size(h, b * t * s * 4)
-    out = _grouped_attention(qh, kt, vh, bias, g)  # (B, H, T, hd) float32
-    return jnp.transpose(out, (0, 2, 1, 3)).astype(q.dtype)
+    return _grouped_attention(qh, kt, vh, bias, g).astype(q.dtype)
