@@ -46,7 +46,7 @@ def run_one(model: str, precision: str, runs: int, cached: bool, layer_layout: s
     cfg = PRESETS[model](param_dtype=param_dtype, dtype=dtype)
     # The layout a user's runner gets (``auto``: per-layer blocks on CPU).
     runner = RDTRunner.from_config(cfg, layer_layout=layer_layout)
-    graphdef, state = runner.graphdef, runner.state
+    graphdef, state, layer_layout = runner.graphdef, runner.state, runner.config.layer_layout
     del runner
 
     rng = np.random.default_rng(0)
@@ -83,7 +83,7 @@ def run_one(model: str, precision: str, runs: int, cached: bool, layer_layout: s
     median = statistics.median(times)
     return {
         "model": model, "precision": precision, "cached_kv": cached, "compile_s": compile_s,
-        "layer_layout": nnx.merge(graphdef, state).config.layer_layout,
+        "layer_layout": layer_layout,
         "median_s": median, "min_s": min(times), "runs": runs,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "gflop": flops / 1e9, "xla_gflop": xla_flops / 1e9, "gflops_per_s": flops / 1e9 / median,

@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# The encoders' dense layers are the model's (float32 accumulation, one rounding).
+from rdt_jax.model.layers import dense as dense
+
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 
@@ -40,22 +43,6 @@ def layer_param(
     if n_layers is None:
         return param(rngs, init, shape, names, dtype)
     return param(rngs, init, (n_layers, *shape), ("layers", *names), dtype)
-
-
-def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """``x @ kernel (+ bias)`` over the last axis of ``x``: float32 accumulator, bias added in float32,
-    one rounding to ``x.dtype``.
-
-    For 16-bit compute this is PyTorch's half-precision ``addmm``/``linear`` (float32 accumulation,
-    the bias added before the single rounding), and it is what XLA:CPU runs fast: it has native
-    bf16 kernels only for a float32 result, and turns a bf16-result dot into a float32 dot of
-    both operands converted to float32 first (a float32 copy of every weight, every call).
-    In float32 it is exactly ``x @ kernel + bias``.
-    """
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:

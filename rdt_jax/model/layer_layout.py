@@ -27,10 +27,14 @@ def _leaves(tree: dict, prefix: tuple = ()) -> list[tuple]:
     return out
 
 
-def _pop(tree: dict, path: tuple) -> Any:
-    for k in path[:-1]:
+def _get(tree: dict, path: tuple) -> Any:
+    for k in path:
         tree = tree[k]
-    return tree.pop(path[-1])
+    return tree
+
+
+def _pop(tree: dict, path: tuple) -> Any:
+    return _get(tree, path[:-1]).pop(path[-1])
 
 
 def _put(tree: dict, path: tuple, value: Any) -> None:
@@ -74,12 +78,6 @@ def stack_blocks(params: dict) -> dict:
             raise ValueError(f"model.{group}: per-layer keys must be 0..{n - 1}, got {sorted(layers)}")
         stacked: dict = {}
         for path in _leaves(layers[0]):
-            parts = []
-            for i in range(n):
-                node = layers[i]
-                for k in path:
-                    node = node[k]
-                parts.append(node)
-            _put(stacked, path, jnp.stack(parts))
+            _put(stacked, path, jnp.stack([_get(layers[i], path) for i in range(n)]))
         model[group] = stacked
     return {**params, "model": model}

@@ -61,6 +61,16 @@ def _matmul_bwd(res, g):
 matmul_f32_accumulate.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """``x @ kernel (+ bias)`` over x's last axis: float32 accumulator, bias added in float32, one
+    rounding to ``x.dtype`` (16-bit inputs go through :func:`matmul_f32_accumulate`). In float32 it
+    is exactly ``x @ kernel + bias``."""
+    y = matmul_f32_accumulate(x, kernel) if jnp.dtype(x.dtype).itemsize < 4 else _contract_last(x, kernel)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
 class Linear(nnx.Linear):
     """``nnx.Linear`` (same parameters) that accumulates and adds the bias in float32, rounding once.
 
@@ -74,11 +84,10 @@ class Linear(nnx.Linear):
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        if jnp.dtype(inputs.dtype).itemsize < 4 and out_sharding is None:
-            y = matmul_f32_accumulate(inputs, kernel)
-        else:
-            y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision,
-                                    preferred_element_type=jnp.float32, out_sharding=out_sharding)
+        if out_sharding is None and self.precision is None:
+            return dense(inputs, kernel, bias)
+        y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision,
+                                preferred_element_type=jnp.float32, out_sharding=out_sharding)
         if bias is not None:
             y = y + bias.astype(jnp.float32)
         return y.astype(inputs.dtype)

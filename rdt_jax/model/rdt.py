@@ -192,25 +192,18 @@ class RDT(nnx.Module):
         return h, (jnp.concatenate(outs, axis=0) if capture else None)
 
     def _run_blocks_per_layer(self, h, lc, ic, lang_mask, cond_kv: CondKV | None, capture: bool):
-        cfg = self.config
+        def run(graphdef, block_state, h, cond, mask, kv):
+            return nnx.merge(graphdef, block_state)(h, cond, mask, kv)
 
-        def run(block_state, h, i):
-            lang = i % 2 == 0
+        if self.config.remat != "none":
+            run = jax.checkpoint(run, policy=_REMAT_POLICIES[self.config.remat], static_argnums=(0,))
+        outs = []
+        for i in range(self.config.depth):
+            j, lang = i // 2, i % 2 == 0  # even blocks attend to language, odd ones to images
+            graphdef, state = nnx.split((self.lang_blocks if lang else self.img_blocks)[j])
             kv = None
             if cond_kv is not None:
-                kv = (cond_kv.lang_k[i // 2], cond_kv.lang_v[i // 2]) if lang else (cond_kv.img_k[i // 2],
-                                                                                   cond_kv.img_v[i // 2])
-            graphdef = block_graphdef[lang]
-            return nnx.merge(graphdef, block_state)(h, lc if lang else ic, lang_mask if lang else None, kv)
-
-        block_graphdef = {True: nnx.graphdef(self.lang_blocks[0])}
-        if self.img_blocks is not None:
-            block_graphdef[False] = nnx.graphdef(self.img_blocks[0])
-        if cfg.remat != "none":
-            run = jax.checkpoint(run, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(2,))
-        outs = []
-        for i in range(cfg.depth):
-            block = self.lang_blocks[i // 2] if i % 2 == 0 else self.img_blocks[i // 2]
-            h = run(nnx.state(block), h, i)
+                kv = (cond_kv.lang_k[j], cond_kv.lang_v[j]) if lang else (cond_kv.img_k[j], cond_kv.img_v[j])
+            h = run(graphdef, state, h, lc if lang else ic, lang_mask if lang else None, kv)
             outs.append(h)
         return h, (jnp.stack(outs) if capture else None)

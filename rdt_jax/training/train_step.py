@@ -169,8 +169,9 @@ def make_train_step(
 
     The state always holds the blocks stacked. ``layer_layout`` is how the step runs them:
     ``stacked`` scans over layers (compile time flat in depth); ``per_layer`` slices the blocks once
-    per step and runs a Python loop, restacking the gradients. On CPU (``auto``) the latter avoids
-    XLA:CPU's per-iteration copies of each layer's weights, gradients and saved activations.
+    per step and runs a Python loop, restacking the gradients: one more copy of the block weights,
+    but none of XLA:CPU's per-iteration copies of each layer's weights, gradients and saved
+    activations (``auto`` picks it on CPU).
     """
     per_layer = resolve_layer_layout(layer_layout) == "per_layer"
     graphdef = model_graphdef(rcfg.replace(layer_layout="per_layer" if per_layer else "stacked"))
@@ -188,39 +189,36 @@ def make_train_step(
             mb["lang_embeds"], mb["lang_attn_mask"], img, mb["states"][:, -1:], mb["actions"],
             mb["state_elem_mask"][:, None, :], mb["ctrl_freqs"], noise, t)
 
-    def loss_and_grads(params, mb, noise, t, enc_params):
-        if not per_layer:
-            return jax.value_and_grad(micro_loss)(params, mb, noise, t, enc_params)
-        # unstack_blocks pops the leaves it converts: give it a fresh tree.
-        layers = unstack_blocks(jax.tree.map(lambda x: x, params))
-        loss, grads = jax.value_and_grad(micro_loss)(layers, mb, noise, t, enc_params)
-        return loss, stack_blocks(grads)
-
-    grad_fn = loss_and_grads
+    grad_fn = jax.value_and_grad(micro_loss)
 
     def step(state, enc_params, batch):
         params = state["params"]
+        # The layout the blocks run in, converted once per step (unstack_blocks pops the leaves it
+        # converts, hence the fresh tree); gradients come back stacked like the state.
+        run_params = unstack_blocks(jax.tree.map(lambda x: x, params)) if per_layer else params
         b, horizon, adim = batch["actions"].shape
         key = jax.random.fold_in(state["rng"], state["step"])
         k_noise, k_t = jax.random.split(key)
         noise = jax.random.normal(k_noise, (b, horizon, adim), jnp.float32)
         t = jax.random.randint(k_t, (b,), 0, num_t)
         if k == 1:
-            loss, grads = grad_fn(params, batch, noise, t, enc_params)
+            loss, grads = grad_fn(run_params, batch, noise, t, enc_params)
         else:
             micro = jax.tree.map(lambda x: _to_micro(x, k), (batch, noise, t))
 
             def body(acc, xs):
                 mb, n, tt = xs
-                loss_i, g = grad_fn(params, mb, n, tt, enc_params)
+                loss_i, g = grad_fn(run_params, mb, n, tt, enc_params)
                 acc_loss, acc_g = acc
                 return (acc_loss + loss_i, jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc_g, g)), None
 
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), run_params)
             (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
             # Equal-size micro-batches: the mean of their means is the mean over the whole batch.
             loss = loss / k
-            grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
+            grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, run_params)
+        if per_layer:
+            grads = stack_blocks(grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)

@@ -60,10 +60,11 @@ def test_mesh_step_equals_single_device(setup, reference, mesh_shape, layer_layo
         assert state["ema"]["lang_adaptor"]["layers"][0]["kernel"].sharding.spec == PartitionSpec("fsdp", None)
 
 
-def test_grad_accumulation_equals_big_batch(setup):
+@pytest.mark.parametrize("layer_layout", ["stacked", "per_layer"])
+def test_grad_accumulation_equals_big_batch(setup, layer_layout):
     """k=2 micro-batches of 4 give the same update as one batch of 8 (same noise, same timesteps)."""
-    a, la = _run(setup, (1, 1), grad_accum=2, steps=2)
-    b, lb = _run(setup, (1, 1), grad_accum=1, steps=2)
+    a, la = _run(setup, (1, 1), grad_accum=2, steps=2, layer_layout=layer_layout)
+    b, lb = _run(setup, (1, 1), grad_accum=1, steps=2, layer_layout=layer_layout)
     np.testing.assert_allclose(la, lb, rtol=2e-5)
     for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)  # see above
