@@ -54,18 +54,37 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """T5's layer norm: no mean subtraction, no bias, mean of squares in float32.
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, axis: int = -1) -> jax.Array:
+    """T5's layer norm over ``axis``: no mean subtraction, no bias, mean of squares in float32.
 
     The normalised activations are cast to the weight dtype before the scale multiply when the
     weights are half precision (and kept float32 otherwise), as in the reference implementation.
     """
     xf = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf), axis=axis, keepdims=True)
     y = xf * jax.lax.rsqrt(var + eps)
     if scale.dtype != jnp.float32:
         y = y.astype(scale.dtype)
+    axis = axis % x.ndim
+    scale = scale.reshape(scale.shape + (1,) * (x.ndim - 1 - axis))  # broadcast along ``axis``
     return (scale * y).astype(x.dtype)
+
+
+def dense_t(w: jax.Array, x_t: jax.Array) -> jax.Array:
+    """``w @ x_t``: a torch-layout (out, in) weight times feature-major activations (in, ...).
+
+    Float32 accumulator and one rounding to ``x_t.dtype``, like :func:`dense`, whose transpose
+    it is (``dense_t(w, x.T) == dense(x, w.T).T``). It exists for speed: with few tokens (T5 on a
+    32-token instruction) the GEMM is a thin, weight-read-bound product, and XLA:CPU's bf16 kernels
+    (YNNPACK) run it far faster with the weight as the left operand contracting over its last
+    (contiguous) axis. Measured on this 2-core Zen 5, bf16, 32 columns: 513-595 GFLOP/s for
+    T5-XXL's three weight shapes, against 243-263 for ``x @ w`` with an (in, out) weight and
+    223-338 for ``x @ w.T`` with an (out, in) one.
+    """
+    lead = x_t.shape[1:]
+    x2 = x_t.reshape(x_t.shape[0], -1)  # a bitcast: the token axes are the minor ones
+    y = jax.lax.dot_general(w, x2, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return y.astype(x_t.dtype).reshape(w.shape[0], *lead)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:

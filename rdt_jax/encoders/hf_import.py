@@ -48,6 +48,7 @@ __all__ = [
     "per_layer_sources",
     "read_config",
     "read_safetensors",
+    "torch_linear_source",
 ]
 
 # safetensors dtype tags -> numpy dtypes (bfloat16 through ml_dtypes).
@@ -228,7 +229,17 @@ def _linear(a: np.ndarray) -> np.ndarray:
 
 
 def linear_source(path: tuple[str, ...], keys: Sequence[str], d_in: int, d_out: int) -> ParamSource:
+    """A layer-stacked torch Linear weight, transposed to our (in, out) kernel."""
     return ParamSource(path, tuple((k,) for k in keys), (d_out, d_in), _linear, stacked=True)
+
+
+def torch_linear_source(path: tuple[str, ...], keys: Sequence[str], d_in: int, d_out: int) -> ParamSource:
+    """A layer-stacked torch Linear weight kept in torch's (out, in) layout (no transform).
+
+    For weights applied as ``W @ x`` by ``_ops.dense_t`` (T5): with few tokens XLA:CPU's bf16
+    GEMMs are fastest when the weight is the left operand and contracts over its last axis.
+    """
+    return ParamSource(path, tuple((k,) for k in keys), (d_out, d_in), stacked=True)
 
 
 def vector_source(path: tuple[str, ...], keys: Sequence[str], n: int) -> ParamSource:

@@ -11,10 +11,11 @@ carries logical axis names (``vocab``, ``embed``, ``heads``, ``mlp``, ``layers``
 :func:`load_t5` can lay it out over a device mesh (e.g. FSDP: ``{"embed": "fsdp"}``) while
 streaming the checkpoint tensor by tensor. ``layer_layout="per_layer"`` (default) keeps each
 block's parameters separate and unrolls the blocks, so XLA:CPU's dots read the weights in place
-(the 32-token encoder is bound by reading 9.5 GB of bf16 weights); ``"stacked"`` stacks them on a
+(the 32-token encoder is bound by its thin bf16 GEMMs over 9.5 GB of weights); ``"stacked"`` stacks them on a
 leading ``layers`` axis and runs ``jax.lax.scan`` (constant compile time, but a per-call copy of
-every block's weights on CPU). 16-bit compute multiplies with a float32 accumulator and rounds
-once (``_ops.dense``), as PyTorch does.
+every block's weights on CPU). Dense weights keep torch's (out, in) layout and the activations
+run feature-major, ``W @ x`` (``_ops.dense_t``); 16-bit compute multiplies with a float32
+accumulator and rounds once, as PyTorch does.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from rdt_jax.encoders.hf_import import (
     CheckpointReader,
     ParamSource,
     import_params,
-    linear_source,
     make_sharding_fn,
     per_layer_sources,
     read_config,
+    torch_linear_source,
     vector_source,
 )
 
@@ -143,14 +144,15 @@ class _Blocks(nnx.Module):
         )
         ones = lambda shape, names: _ops.layer_param(rngs, nnx.initializers.ones, n_layers, shape, names, param_dtype)
         self.attn_norm = ones((d,), ("embed",))
-        self.q = p(d**-0.5 * cfg.d_kv**-0.5, (d, inner), ("embed", "heads"))
-        self.k = p(d**-0.5, (d, inner), ("embed", "heads"))
-        self.v = p(d**-0.5, (d, inner), ("embed", "heads"))
-        self.o = p(inner**-0.5, (inner, d), ("heads", "embed"))
+        # Dense weights in torch's (out, in) layout, applied as ``W @ x`` (see ``_ops.dense_t``).
+        self.q = p(d**-0.5 * cfg.d_kv**-0.5, (inner, d), ("heads", "embed"))
+        self.k = p(d**-0.5, (inner, d), ("heads", "embed"))
+        self.v = p(d**-0.5, (inner, d), ("heads", "embed"))
+        self.o = p(inner**-0.5, (d, inner), ("embed", "heads"))
         self.ff_norm = ones((d,), ("embed",))
-        self.wi_0 = p(d**-0.5, (d, f), ("embed", "mlp"))
-        self.wi_1 = p(d**-0.5, (d, f), ("embed", "mlp"))
-        self.wo = p(f**-0.5, (f, d), ("mlp", "embed"))
+        self.wi_0 = p(d**-0.5, (f, d), ("mlp", "embed"))
+        self.wi_1 = p(d**-0.5, (f, d), ("mlp", "embed"))
+        self.wo = p(f**-0.5, (d, f), ("embed", "mlp"))
 
 
 class T5Encoder(nnx.Module):
@@ -194,7 +196,11 @@ class T5Encoder(nnx.Module):
         cfg, dt = self.cfg, self.dtype
         b, length = input_ids.shape
         h, dk, eps = cfg.num_heads, cfg.d_kv, cfg.layer_norm_epsilon
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+        # The residual stream is carried feature-major, x (d_model, B, L), so that every dense
+        # layer is ``W @ x`` with the torch-layout weight on the left (``_ops.dense_t``): 1.5-2x
+        # faster bf16 GEMMs on XLA:CPU for few tokens. Transposing the activations (B·L·d_model
+        # elements) twice per call is negligible next to reading the weights.
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt).transpose(2, 0, 1)
 
         buckets = relative_position_buckets(
             length, length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
@@ -206,23 +212,23 @@ class T5Encoder(nnx.Module):
             bias = bias + jnp.where(attention_mask[:, None, None, :].astype(bool), jnp.asarray(0, dt), neg)
 
         def block(x: jax.Array, lp: dict[str, jax.Array]) -> tuple[jax.Array, None]:
-            y = _ops.rms_norm(x, lp["attn_norm"], eps).astype(dt)
+            y = _ops.rms_norm(x, lp["attn_norm"], eps, axis=0).astype(dt)
             w = {k: v.astype(dt) for k, v in lp.items()}
-            q = _ops.dense(y, w["q"]).reshape(b, length, h, dk)
-            k = _ops.dense(y, w["k"]).reshape(b, length, h, dk)
-            v = _ops.dense(y, w["v"]).reshape(b, length, h, dk)
+            q = _ops.dense_t(w["q"], y).reshape(h, dk, b, length)
+            k = _ops.dense_t(w["k"], y).reshape(h, dk, b, length)
+            v = _ops.dense_t(w["v"], y).reshape(h, dk, b, length)
             # Scores and position bias in float32 (T5: no 1/sqrt(d_kv) scaling); float32 softmax.
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("hdbq,hdbk->bhqk", q, k, preferred_element_type=jnp.float32)
             probs = _ops.softmax_f32(logits + bias.astype(jnp.float32), dt)
-            o = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32)
-            x = x + _ops.dense(o.astype(dt).reshape(b, length, h * dk), w["o"])
-            y = _ops.rms_norm(x, lp["ff_norm"], eps).astype(dt)
-            y = _ops.gelu_tanh(_ops.dense(y, w["wi_0"])) * _ops.dense(y, w["wi_1"])
-            x = x + _ops.dense(y, w["wo"])
+            o = jnp.einsum("bhqk,hdbk->hdbq", probs, v, preferred_element_type=jnp.float32)
+            x = x + _ops.dense_t(w["o"], o.astype(dt).reshape(h * dk, b, length))
+            y = _ops.rms_norm(x, lp["ff_norm"], eps, axis=0).astype(dt)
+            y = _ops.gelu_tanh(_ops.dense_t(w["wi_0"], y)) * _ops.dense_t(w["wi_1"], y)
+            x = x + _ops.dense_t(w["wo"], y)
             return x, None
 
         x = _ops.run_layers(block, x, self.blocks)
-        return _ops.rms_norm(x, self.final_norm[...], eps).astype(dt)
+        return _ops.rms_norm(x, self.final_norm[...], eps, axis=0).astype(dt).transpose(1, 2, 0)
 
 
 # Keys of a full T5 checkpoint that the encoder does not use.
@@ -244,14 +250,14 @@ def t5_sources(cfg: T5EncoderConfig, layer_layout: _ops.LayerLayout = "per_layer
         ),
         ParamSource(("final_norm",), (("encoder.final_layer_norm.weight",),), (d,)),
         vector_source(("blocks", "attn_norm"), blk("layer.0.layer_norm.weight"), d),
-        linear_source(("blocks", "q"), blk("layer.0.SelfAttention.q.weight"), d, inner),
-        linear_source(("blocks", "k"), blk("layer.0.SelfAttention.k.weight"), d, inner),
-        linear_source(("blocks", "v"), blk("layer.0.SelfAttention.v.weight"), d, inner),
-        linear_source(("blocks", "o"), blk("layer.0.SelfAttention.o.weight"), inner, d),
+        torch_linear_source(("blocks", "q"), blk("layer.0.SelfAttention.q.weight"), d, inner),
+        torch_linear_source(("blocks", "k"), blk("layer.0.SelfAttention.k.weight"), d, inner),
+        torch_linear_source(("blocks", "v"), blk("layer.0.SelfAttention.v.weight"), d, inner),
+        torch_linear_source(("blocks", "o"), blk("layer.0.SelfAttention.o.weight"), inner, d),
         vector_source(("blocks", "ff_norm"), blk("layer.1.layer_norm.weight"), d),
-        linear_source(("blocks", "wi_0"), blk("layer.1.DenseReluDense.wi_0.weight"), d, f),
-        linear_source(("blocks", "wi_1"), blk("layer.1.DenseReluDense.wi_1.weight"), d, f),
-        linear_source(("blocks", "wo"), blk("layer.1.DenseReluDense.wo.weight"), f, d),
+        torch_linear_source(("blocks", "wi_0"), blk("layer.1.DenseReluDense.wi_0.weight"), d, f),
+        torch_linear_source(("blocks", "wi_1"), blk("layer.1.DenseReluDense.wi_1.weight"), d, f),
+        torch_linear_source(("blocks", "wo"), blk("layer.1.DenseReluDense.wo.weight"), f, d),
     ]
     return per_layer_sources(src) if layer_layout == "per_layer" else src
 

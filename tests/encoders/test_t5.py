@@ -106,8 +106,9 @@ def test_layer_layouts_agree(hf_factory):
     ids, mask = _batch(cfg["vocab_size"], [33, 12], seed=3)
     per_layer = load_t5(path)
     stacked = load_t5(path, layer_layout="stacked")
-    assert len(per_layer.blocks) == 3 and per_layer.blocks[1].wo.shape == (37, 24)
-    assert stacked.blocks.wo.shape == (3, 37, 24)
+    # Dense weights keep torch's (out, in) layout.
+    assert len(per_layer.blocks) == 3 and per_layer.blocks[1].wo.shape == (24, 37)
+    assert stacked.blocks.wo.shape == (3, 24, 37)
     np.testing.assert_array_equal(_forward(per_layer, ids, mask), _forward(stacked, ids, mask))
 
 
@@ -159,9 +160,10 @@ def test_mesh_sharding(hf_factory, errs, layout):
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "tensor"))
     enc = load_t5(path, mesh=mesh, layer_layout=layout)
     q = block(enc).q[...]
-    assert q.sharding.spec == PartitionSpec(*lead, "fsdp", "tensor")
-    assert {s.data.shape for s in q.addressable_shards} == {(*n, 32 // 4, 32 // 2)}
-    assert block(enc).wo[...].sharding.spec == PartitionSpec(*lead, "tensor", "fsdp")
+    # Dense weights are (out, in): q is (heads, embed), wo is (embed, mlp).
+    assert q.sharding.spec == PartitionSpec(*lead, "tensor", "fsdp")
+    assert {s.data.shape for s in q.addressable_shards} == {(*n, 32 // 2, 32 // 4)}
+    assert block(enc).wo[...].sharding.spec == PartitionSpec(*lead, "fsdp", "tensor")
     assert enc.embed[...].sharding.spec == PartitionSpec("tensor", "fsdp")
     sharded = _forward(enc, ids, mask)
     assert rel_err(sharded, plain) <= 1e-6
@@ -170,5 +172,5 @@ def test_mesh_sharding(hf_factory, errs, layout):
     # FSDP only: one mesh axis, every width dimension split 8 ways.
     mesh8 = Mesh(np.array(jax.devices()), ("fsdp",))
     enc8 = load_t5(path, mesh=mesh8, layer_layout=layout)
-    assert block(enc8).wi_0[...].sharding.spec == PartitionSpec(*lead, "fsdp", None)
+    assert block(enc8).wi_0[...].sharding.spec == PartitionSpec(*lead, None, "fsdp")
     assert rel_err(_forward(enc8, ids, mask), plain) <= 1e-6
