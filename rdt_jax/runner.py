@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rdt_jax import host_memory
 from rdt_jax.convert.pretrained_dir import read_config, read_params
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layer_layout import stack_blocks, unstack_blocks
@@ -49,21 +50,35 @@ def _sample_fn(graphdef, state, *args, num_steps=None, cache_cond_kv=True, captu
 # float32 at once: rdt-1b with bf16 weights peaked at 8.4 GB and ran 1.7x slower (rdt-170m) than
 # with the pass off (4.2 GB). With float32 weights the pass helps (~8 %), so it stays on there.
 CPU_16BIT_WEIGHT_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+# XLA:CPU's default scheduler orders for concurrency: it ran every image block's K/V projection before
+# rounding any of them (rdt-170m: 272 MB of temporaries, more than the rest of the policy's working
+# set). The memory-optimised one keeps them to 153 MB at the same speed.
+CPU_SAMPLING_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 _SAMPLE_STATIC = ("graphdef", "num_steps", "cache_cond_kv", "capture")
 _sample_default = jax.jit(_sample_fn, static_argnames=_SAMPLE_STATIC)
-_sample_16bit_cpu = jax.jit(_sample_fn, static_argnames=_SAMPLE_STATIC, compiler_options=CPU_16BIT_WEIGHT_OPTIONS)
+_sample_cpu = jax.jit(_sample_fn, static_argnames=_SAMPLE_STATIC, compiler_options=CPU_SAMPLING_OPTIONS)
+_sample_16bit_cpu = jax.jit(_sample_fn, static_argnames=_SAMPLE_STATIC,
+                            compiler_options={**CPU_SAMPLING_OPTIONS, **CPU_16BIT_WEIGHT_OPTIONS})
+
+
+def _has_16bit_weights(state: Any) -> bool:
+    return any(jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
+               for x in jax.tree.leaves(state))
 
 
 def sampling_compiler_options(state: Any) -> dict[str, str]:
     """XLA options for compiling sampling with these weights on the default backend."""
-    sixteen = any(jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
-                  for x in jax.tree.leaves(state))
-    return dict(CPU_16BIT_WEIGHT_OPTIONS) if sixteen and jax.default_backend() == "cpu" else {}
+    if jax.default_backend() != "cpu":
+        return {}
+    return {**CPU_SAMPLING_OPTIONS, **(CPU_16BIT_WEIGHT_OPTIONS if _has_16bit_weights(state) else {})}
 
 
 def _sample(graphdef, state, *args, **kwargs):
-    jitted = _sample_16bit_cpu if sampling_compiler_options(state) else _sample_default
+    if jax.default_backend() != "cpu":
+        jitted = _sample_default
+    else:
+        jitted = _sample_16bit_cpu if _has_16bit_weights(state) else _sample_cpu
     return jitted(graphdef, state, *args, **kwargs)
 
 
@@ -74,6 +89,12 @@ def resolve_layer_layout(layer_layout: str) -> str:
     if layer_layout not in ("stacked", "per_layer"):
         raise ValueError(f"layer_layout must be 'auto', 'stacked' or 'per_layer', got {layer_layout!r}")
     return layer_layout
+
+
+def _keep_host_memory_small() -> None:
+    # On CPU the weights and activations are host memory: see rdt_jax/host_memory.py.
+    if jax.default_backend() == "cpu":
+        host_memory.trim_heap_after_compiles()
 
 
 def _policy_from_params(cfg: RDTConfig, params: dict, layer_layout: str) -> RDTPolicy:
@@ -96,13 +117,16 @@ class RDTRunner:
     def from_config(cls, cfg: RDTConfig, *, seed: int = 0, layer_layout: str = "auto") -> RDTRunner:
         """A randomly initialised model with the official initialisation (same values in either layout)."""
         layer_layout = resolve_layer_layout(layer_layout)
+        _keep_host_memory_small()
         stacked_cfg = cfg.replace(layer_layout="stacked")
         # Initialised stacked, then split layer by layer: the stacked initialiser draws one layer at a
         # time (lax.map), where a per-layer program keeps every layer's random bits alive at once.
         state = nnx.state(init_policy(stacked_cfg, seed))
         params = nnx.to_pure_dict(state)
         del state
-        return cls(_policy_from_params(stacked_cfg, params, layer_layout))
+        runner = cls(_policy_from_params(stacked_cfg, params, layer_layout))
+        host_memory.trim_heap()
+        return runner
 
     @property
     def policy(self) -> RDTPolicy:
@@ -171,9 +195,12 @@ def load_pretrained(
     ``layer_layout`` (``auto``, ``stacked``, ``per_layer``) only changes how blocks are stored and
     run (``RDTConfig.layer_layout``), never the results.
     """
+    _keep_host_memory_small()
     param_dtype = jnp.dtype(dtype).name
     cfg = read_config(path, param_dtype=param_dtype, dtype=jnp.dtype(compute_dtype or dtype).name,
                       **config_overrides).replace(layer_layout="stacked")
     params_abstract = nnx.to_pure_dict(nnx.state(abstract_policy(cfg), nnx.Param))
     params = read_params(path, params_abstract)
-    return RDTRunner(_policy_from_params(cfg, params, resolve_layer_layout(layer_layout)))
+    runner = RDTRunner(_policy_from_params(cfg, params, resolve_layer_layout(layer_layout)))
+    host_memory.trim_heap()
+    return runner

@@ -214,7 +214,8 @@ def test_bf16_weight_sampling_keeps_weights_16bit_on_cpu():
     r = rdt_jax.RDTRunner(nnx.merge(r0.graphdef, jax.tree.map(lambda a: a.astype(jnp.bfloat16), r0.state)))
     x = tiny_inputs(cfg, batch=1)
     args = [x[k] for k in PA] + [np.zeros((1, cfg.pred_horizon, cfg.action_dim), np.float32)]
-    assert runner_mod.sampling_compiler_options(r.state) == runner_mod.CPU_16BIT_WEIGHT_OPTIONS
+    assert runner_mod.sampling_compiler_options(r.state) == {
+        **runner_mod.CPU_SAMPLING_OPTIONS, **runner_mod.CPU_16BIT_WEIGHT_OPTIONS}
     block_f32_bytes = sum(a.size * 4 for a in jax.tree.leaves(nnx.state(r.policy.model.lang_blocks)))
     block_f32_bytes += sum(a.size * 4 for a in jax.tree.leaves(nnx.state(r.policy.model.img_blocks)))
     compiled = runner_mod._sample_16bit_cpu.lower(r.graphdef, r.state, *args).compile()
@@ -222,6 +223,34 @@ def test_bf16_weight_sampling_keeps_weights_16bit_on_cpu():
     assert temp < 0.5 * block_f32_bytes, (temp, block_f32_bytes)  # with the pass on: 1.16x
     # Same actions as float32 arithmetic on the same (bf16-valued) weights.
     f32 = rdt_jax.RDTRunner(nnx.merge(r.graphdef, jax.tree.map(lambda a: a.astype(jnp.float32), r.state)))
-    assert runner_mod.sampling_compiler_options(f32.state) == {}
+    assert runner_mod.sampling_compiler_options(f32.state) == runner_mod.CPU_SAMPLING_OPTIONS
     assert_close(r.predict_action(*args[:-1], noise=args[-1]), f32.predict_action(*args[:-1], noise=args[-1]),
                  1e-5, "bf16 weights vs the same weights in f32")
+
+
+def test_cpu_sampling_keeps_one_blocks_kv_projection_alive():
+    """The condition K/V precompute must not hold every image block's float32 projection at once.
+
+    The bound is the K/V cache itself plus a few single-block projections; XLA:CPU's default
+    (concurrency-ordered) scheduler needs about one projection per image block on top of it.
+    """
+    from rdt_jax import runner as runner_mod
+
+    cfg = tiny_config(hidden_size=128, depth=12, num_heads=4, img_cond_len=2048, img_token_dim=64,
+                      img_pos_embed_config=(("image", (2, 1, -1024)),), layer_layout="per_layer",
+                      param_dtype="bfloat16", dtype="bfloat16")
+    r = rdt_jax.RDTRunner(init_policy(cfg, 0))
+    x = tiny_inputs(cfg, batch=1)
+    args = [x[k] for k in PA] + [np.zeros((1, cfg.pred_horizon, cfg.action_dim), np.float32)]
+
+    def temp_bytes(options: dict) -> int:
+        jitted = jax.jit(runner_mod._sample_fn, static_argnames=runner_mod._SAMPLE_STATIC, compiler_options=options)
+        return jitted.lower(r.graphdef, r.state, *args).compile().memory_analysis().temp_size_in_bytes
+
+    n_img_blocks = cfg.depth // 2
+    projection = cfg.img_cond_len * cfg.hidden_size * 4  # one block's K (or V) in float32, before rounding
+    cache = n_img_blocks * 2 * cfg.img_cond_len * cfg.hidden_size * 2  # every image block's bf16 K and V
+    ours = temp_bytes(runner_mod.sampling_compiler_options(r.state))
+    assert ours < cache + 4 * projection, (ours, cache, projection)
+    # The guard is real: without the memory-ordered scheduler the same program needs more.
+    assert temp_bytes({}) > cache + n_img_blocks * projection, "default scheduler no longer piles up; revisit"
