@@ -79,20 +79,27 @@ def _group_size(n_heads: int, bytes_per_head: int) -> int:
     return best
 
 
-def _logits(q: jax.Array, kt: jax.Array, bias: jax.Array | None) -> jax.Array:
+def _logits(q: jax.Array, k: jax.Array, bias: jax.Array | None, k_rows: bool) -> jax.Array:
+    # k is kt (B, g, hd, S), or with k_rows the keys as rows (B, g, S, hd): contracted over hd
+    # directly, so sequence-major keys need no (S, hd) -> (hd, S) transpose (strided, slow on CPU).
+    if k_rows:
+        logits = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.matmul(q, k, preferred_element_type=jnp.float32)
     # Scaled in float32: hd ** -0.5 is not exact in bf16.
-    logits = jnp.matmul(q, kt, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    logits = logits * (q.shape[-1] ** -0.5)
     return logits if bias is None else logits + bias
 
 
-def _attend_group(q, kt, vh, bias):
-    """One head group, float32: q (B, g, T, hd), kt (B, g, hd, S), vh (B, g, S, hd) -> out, logsumexp.
+def _attend_group(q, k, vh, bias, k_rows=False):
+    """One head group, float32: q (B, g, T, hd), k (B, g, hd, S) (``k_rows``: (B, g, S, hd)),
+    vh (B, g, S, hd) -> out, logsumexp.
 
     16-bit inputs are widened per group (the group is in cache), so the products run in float32,
     never less accurate than PyTorch's bf16 attention.
     """
-    q, kt, vh = (x.astype(jnp.float32) for x in (q, kt, vh))
-    logits = _logits(q, kt, bias)
+    q, k, vh = (x.astype(jnp.float32) for x in (q, k, vh))
+    logits = _logits(q, k, bias, k_rows)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     weights = jnp.exp(logits - peak)
     denom = jnp.sum(weights, axis=-1, keepdims=True)
@@ -100,21 +107,58 @@ def _attend_group(q, kt, vh, bias):
     return out, peak + jnp.log(denom)
 
 
-def _attend_group_bwd(q, kt, vh, bias, out, lse, dout):
-    """Gradients of one group from the saved output and logsumexp (the scores are recomputed)."""
-    q, kt, vh = (x.astype(jnp.float32) for x in (q, kt, vh))
-    probs = jnp.exp(_logits(q, kt, bias) - lse)
+def _attend_group_bwd(q, k, vh, bias, out, lse, dout, k_rows=False):
+    """Gradients (dq, dk in k's layout, dvh) of one group from the saved output and logsumexp (the
+    scores are recomputed)."""
+    q, k, vh = (x.astype(jnp.float32) for x in (q, k, vh))
+    probs = jnp.exp(_logits(q, k, bias, k_rows) - lse)
     scale = q.shape[-1] ** -0.5
     dvh = jnp.matmul(jnp.swapaxes(probs, -1, -2), dout)
-    dprobs = jnp.matmul(dout, jnp.swapaxes(vh, -1, -2))
+    # dout vh^T contracted over hd in place: a (S, hd) -> (hd, S) transpose of the group is strided.
+    dprobs = jax.lax.dot_general(dout, vh, (((3,), (3,)), ((0, 1), (0, 1))))
     dlogits = probs * (dprobs - jnp.sum(dout * out, axis=-1, keepdims=True)) * scale
-    dq = jnp.matmul(dlogits, jnp.swapaxes(kt, -1, -2))
-    dkt = jnp.matmul(jnp.swapaxes(q, -1, -2), dlogits)
-    return dq, dkt, dvh
+    if k_rows:
+        dq = jnp.matmul(dlogits, k)
+        dk = jax.lax.dot_general(dlogits, q, (((2,), (2,)), ((0, 1), (0, 1))))  # dlogits^T q: (B, g, S, hd)
+    else:
+        dq = jnp.matmul(dlogits, jnp.swapaxes(k, -1, -2))
+        dk = jnp.matmul(jnp.swapaxes(q, -1, -2), dlogits)
+    return dq, dk, dvh
 
 
 def _take(x: jax.Array, i: jax.Array, g: int, axis: int = 1) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, i * g, g, axis=axis)
+
+
+# Where the head axis of K and V is: "head_major" = ``kt`` (B, H, hd, S) / ``vh`` (B, H, S, hd);
+# "sequence_major" = k, v (B, S, H, hd), as the projection produces them.
+_HEAD_AXIS = {"head_major": 1, "sequence_major": 2}
+
+
+def _as_bits(x: jax.Array) -> jax.Array:
+    # XLA:CPU has no 16-bit float dynamic-slice / dynamic-update-slice: it widens the whole operand
+    # to float32 (a full pass before the loop, or on every update); on the bit pattern it slices
+    # and updates in place.
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def _from_bits(x: jax.Array, dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
+def _kv_group(k: jax.Array, v: jax.Array, i: jax.Array, g: int, layout: str) -> tuple[jax.Array, jax.Array]:
+    """Head group ``i`` of K and V: ``kt`` (B, g, hd, S) / ``vh`` (B, g, S, hd) for head-major K/V;
+    K as rows (B, g, S, hd) and ``vh`` for sequence-major ones.
+
+    Sequence-major K/V are transposed here, one group at a time: the group is a few MB and the
+    (S, g, hd) -> (g, S, hd) move keeps hd contiguous, where a head-major copy of the whole K and V
+    costs XLA:CPU two full passes over each (one to transpose, one to widen to float32).
+    """
+    # Sliced as bit patterns (see _as_bits): sliced as bf16, all of K and V became float32 first.
+    kg, vg = (_from_bits(_take(_as_bits(x), i, g, _HEAD_AXIS[layout]), x.dtype) for x in (k, v))
+    if layout == "sequence_major":
+        kg, vg = jnp.swapaxes(kg, 1, 2), jnp.swapaxes(vg, 1, 2)
+    return kg, vg
 
 
 def _to_sequence_major(x: jax.Array) -> jax.Array:
@@ -127,45 +171,71 @@ def _group_map(fn, n_heads: int, g: int):
     return jax.lax.map(fn, jnp.arange(n_heads // g))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _grouped_attention(qh, kt, vh, bias, g):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _grouped_attention(qh, k, v, bias, g, layout):
     """(B, T, H, hd) float32 attention output, computed head group by head group."""
-    out = _group_map(lambda i: _attend_group(_take(qh, i, g), _take(kt, i, g), _take(vh, i, g), bias)[0],
+    rows = layout == "sequence_major"
+    out = _group_map(lambda i: _attend_group(_take(qh, i, g), *_kv_group(k, v, i, g, layout), bias, rows)[0],
                      qh.shape[1], g)
     return _to_sequence_major(out)
 
 
-def _grouped_attention_fwd(qh, kt, vh, bias, g):
-    out, lse = _group_map(lambda i: _attend_group(_take(qh, i, g), _take(kt, i, g), _take(vh, i, g), bias),
+def _grouped_attention_fwd(qh, k, v, bias, g, layout):
+    rows = layout == "sequence_major"
+    out, lse = _group_map(lambda i: _attend_group(_take(qh, i, g), *_kv_group(k, v, i, g, layout), bias, rows),
                           qh.shape[1], g)
     out = _to_sequence_major(out)
-    return out, (qh, kt, vh, bias, out, lse)
+    return out, (qh, k, v, bias, out, lse)
 
 
-def _grouped_attention_bwd(g, res, dout):
-    # Group by group, each group's gradients written once: autodiff of the forward's lax.map would
-    # add every group's slice gradient into full-size zero buffers (a full pass over dK/dV per group).
-    qh, kt, vh, bias, out, lse = res
+def _grouped_attention_bwd(g, layout, res, dout):
+    # Group by group, each group's gradients written once, in the inputs' dtype and layout, into
+    # buffers carried by the loop: autodiff of the forward's lax.map would add every group's slice
+    # gradient into full-size zero buffers (a full pass over dK/dV per group), and stacking float32
+    # per-group results would cost a float32 buffer plus a transposing pass at the end.
+    qh, k, v, bias, out, lse = res
+    axis = _HEAD_AXIS[layout]
 
     def head_major(x: jax.Array, i: jax.Array) -> jax.Array:  # (B, T, H, hd) -> group i as (B, g, T, hd)
         return jnp.swapaxes(_take(x, i, g, axis=2), 1, 2)
 
-    def group(i):
-        return _attend_group_bwd(_take(qh, i, g), _take(kt, i, g), _take(vh, i, g), bias, head_major(out, i),
-                                 lse[i], head_major(dout, i))
+    def body(i, bufs):
+        dq, dk, dv = _attend_group_bwd(_take(qh, i, g), *_kv_group(k, v, i, g, layout), bias, head_major(out, i),
+                                       lse[i], head_major(dout, i), layout == "sequence_major")
+        if layout == "sequence_major":  # (B, g, S, hd) -> (B, S, g, hd)
+            dk, dv = jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)
+        put = jax.lax.dynamic_update_slice_in_dim
+        return tuple(put(buf, _as_bits(d.astype(x.dtype)), i * g, axis=ax)
+                     for buf, d, x, ax in zip(bufs, (dq, dk, dv), (qh, k, v), (1, axis, axis), strict=True))
 
-    dq, dkt, dvh = _group_map(group, qh.shape[1], g)
-
-    def merge(x: jax.Array) -> jax.Array:  # (n, B, g, ...) -> (B, n * g, ...)
-        x = jnp.moveaxis(x, 0, 1)
-        return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
-
-    grads = (merge(dq), merge(dkt), merge(dvh))
-    return (*(d.astype(x.dtype) for d, x in zip(grads, (qh, kt, vh), strict=True)),
-            None if bias is None else jnp.zeros_like(bias))
+    bufs = tuple(_as_bits(jnp.zeros(x.shape, x.dtype)) for x in (qh, k, v))
+    grads = jax.lax.fori_loop(0, qh.shape[1] // g, body, bufs)
+    dq, dk, dv = (_from_bits(d, x.dtype) for d, x in zip(grads, (qh, k, v), strict=True))
+    return dq, dk, dv, None if bias is None else jnp.zeros_like(bias)
 
 
 _grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
+
+
+def _key_bias(key_mask: jax.Array | None) -> jax.Array | None:
+    if key_mask is None:
+        return None
+    # A large finite negative (not -inf) so a fully masked row gives a uniform average, not NaN,
+    # like jax.nn.dot_product_attention. Shape (B, 1, 1, S): the same for every head.
+    return jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min / 2)[:, None, None, :]
+
+
+def _cpu_grouped(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, layout: str) -> jax.Array:
+    b, t, h, _ = q.shape
+    s = k.shape[-1] if layout == "head_major" else k.shape[1]
+    if key_mask is not None and key_mask.shape != (b, s):
+        raise ValueError(f"key_mask must have shape {(b, s)}, got {key_mask.shape}")
+    qh = jnp.transpose(q, (0, 2, 1, 3))  # (B, H, T, hd)
+    # Groups run along the head axis only (the batch axis may be sharded over devices). Each group
+    # is sliced inside the loop from the arrays as they are: moving the group axis to the front for
+    # lax.map's xs makes XLA copy all of K and V on every call.
+    g = _group_size(h, b * t * s * 4)
+    return _grouped_attention(qh, k, v, _key_bias(key_mask), g, layout).astype(q.dtype)
 
 
 def head_major_attention(
@@ -179,7 +249,7 @@ def head_major_attention(
     """Attention of ``q`` (B, T, H, hd) to head-major ``kt`` (B, H, hd, S) / ``vh`` (B, H, S, hd)."""
     if q.ndim != 4:
         raise ValueError(f"q must be (B, T, H, hd), got {q.shape}")
-    b, t, h, hd = q.shape
+    b, _, h, hd = q.shape
     s = kt.shape[-1]
     if kt.shape != (b, h, hd, s) or vh.shape != (b, h, s, hd):
         raise ValueError(f"kt must be {(b, h, hd, s)} and vh {(b, h, s, hd)}; got {kt.shape}, {vh.shape}")
@@ -187,16 +257,25 @@ def head_major_attention(
         # Other kernels (and the reference) take the sequence-major layout.
         k, v = jnp.transpose(kt, (0, 3, 1, 2)), jnp.transpose(vh, (0, 2, 1, 3))
         return dot_product_attention(q, k, v, key_mask, impl=impl)
-    if key_mask is not None and key_mask.shape != (b, s):
-        raise ValueError(f"key_mask must have shape {(b, s)}, got {key_mask.shape}")
-    qh = jnp.transpose(q, (0, 2, 1, 3))  # (B, H, T, hd)
-    bias = None
-    if key_mask is not None:
-        # A large finite negative (not -inf) so a fully masked row gives a uniform average, not NaN,
-        # like jax.nn.dot_product_attention. Shape (B, 1, 1, S): the same for every head.
-        bias = jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min / 2)[:, None, None, :]
-    # Groups run along the head axis only (the batch axis may be sharded over devices). Each group
-    # is sliced inside the loop from the arrays as they are: moving the group axis to the front for
-    # lax.map's xs makes XLA copy all of K and V on every call.
-    g = _group_size(h, b * t * s * 4)
-    return _grouped_attention(qh, kt, vh, bias, g).astype(q.dtype)
+    return _cpu_grouped(q, kt, vh, key_mask, "head_major")
+
+
+def sequence_major_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array | None = None,
+    *,
+    impl: str = "xla",
+) -> jax.Array:
+    """:func:`dot_product_attention` (all (B, L, H, hd)) with the head-grouped CPU kernel of
+    :func:`head_major_attention` for ``xla`` on CPU.
+
+    For K/V used once (training, uncached sampling): the kernel transposes each head group as it
+    goes, where a head-major copy would be two more passes over K and V forward and two backward.
+    """
+    if impl != "xla" or jax.default_backend() != "cpu":
+        return dot_product_attention(q, k, v, key_mask, impl=impl)
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"q must be (B, T, H, hd) and k, v (B, S, H, hd); got {q.shape}, {k.shape}, {v.shape}")
+    return _cpu_grouped(q, k, v, key_mask, "sequence_major")

@@ -5,7 +5,12 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from rdt_jax.model.attention import dot_product_attention, head_major_attention, to_head_major
+from rdt_jax.model.attention import (
+    dot_product_attention,
+    head_major_attention,
+    sequence_major_attention,
+    to_head_major,
+)
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layers import Mlp, linear, zeros
 from rdt_jax.model.norm import RmsNorm
@@ -53,10 +58,14 @@ class CrossAttention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.impl = cfg.attention_impl
 
-    def cond_kv(self, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _cond_k_v(self, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Normalised keys and values of the condition, (B, S, H, hd) each."""
         b, length, d = cond.shape
         kv = self.kv(cond).reshape(b, length, 2, self.num_heads, d // self.num_heads)
-        return to_head_major(self.k_norm(kv[:, :, 0]), kv[:, :, 1])
+        return self.k_norm(kv[:, :, 0]), kv[:, :, 1]
+
+    def cond_kv(self, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return to_head_major(*self._cond_k_v(cond))
 
     def __call__(
         self,
@@ -66,9 +75,13 @@ class CrossAttention(nnx.Module):
         kv: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         b, n, d = x.shape
-        kt, vh = self.cond_kv(cond) if kv is None else kv
         q = self.q_norm(self.q(x).reshape(b, n, self.num_heads, d // self.num_heads))
-        o = head_major_attention(q, kt, vh, key_mask=mask, impl=self.impl)
+        if kv is None:
+            # K/V used once (training, uncached sampling): no head-major copy, the attention
+            # transposes them a head group at a time.
+            o = sequence_major_attention(q, *self._cond_k_v(cond), key_mask=mask, impl=self.impl)
+        else:
+            o = head_major_attention(q, *kv, key_mask=mask, impl=self.impl)
         return self.proj(o.reshape(b, n, d))
 
 

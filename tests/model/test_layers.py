@@ -10,7 +10,12 @@ from flax import nnx
 
 import rdt_jax
 from rdt_jax.model import attention
-from rdt_jax.model.attention import dot_product_attention, head_major_attention, to_head_major
+from rdt_jax.model.attention import (
+    dot_product_attention,
+    head_major_attention,
+    sequence_major_attention,
+    to_head_major,
+)
 from rdt_jax.model.layers import Adaptor
 from rdt_jax.model.norm import rms_scale
 from tests.helpers import assert_close
@@ -142,6 +147,53 @@ def test_head_major_attention_gradients_match_the_reference(group_bytes, masked,
     for name, a, b in zip(("dq", "dkt", "dvh"), got_bf, want, strict=True):
         assert a.dtype == jnp.bfloat16 and not bool(jnp.isnan(a.astype(jnp.float32)).any())
         assert_close(a.astype(jnp.float32), b, 5e-2, f"bf16 {name}")
+
+
+@pytest.mark.parametrize("group_bytes", [1, 2 * 2 * 5 * 7 * 4, 2**30])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sequence_major_attention_matches_the_reference(group_bytes, masked, monkeypatch):
+    """The grouped CPU kernel on (B, S, H, hd) keys/values: output and gradients against the reference."""
+    monkeypatch.setattr(attention, "_CPU_GROUP_BYTES", group_bytes)
+    q, k, v = _qkv(h=4)
+    mask = jnp.asarray(np.array([[True] * 7, [True] * 4 + [False] * 3])) if masked else None
+    ct = jax.random.normal(jax.random.key(9), q.shape)
+    assert_close(sequence_major_attention(q, k, v, mask), _einsum_attention(q, k, v, mask), 1e-5, "out")
+
+    def ours(q, k, v):
+        return jnp.sum(sequence_major_attention(q, k, v, mask) * ct)
+
+    def ref(q, k, v):
+        return jnp.sum(attention.reference_attention(q, k, v, mask) * ct)
+
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(ref, argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert a.shape == b.shape
+        assert_close(a, b, 1e-5, name)
+    if masked:  # masked keys get exactly zero gradient
+        assert float(jnp.abs(got[1][1, 4:]).max()) == 0.0 and float(jnp.abs(got[2][1, 4:]).max()) == 0.0
+    bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    got_bf = jax.grad(ours, argnums=(0, 1, 2))(*bf)
+    for name, a, b in zip(("dq", "dk", "dv"), got_bf, want, strict=True):
+        assert a.dtype == jnp.bfloat16 and not bool(jnp.isnan(a.astype(jnp.float32)).any())
+        assert_close(a.astype(jnp.float32), b, 5e-2, f"bf16 {name}")
+
+
+@pytest.mark.parametrize("form", ["timm_var", "rms"])
+def test_norm_gradients_match_autodiff_of_the_formula(form):
+    """rms_scale's hand-written backward against autodiff of the same float32 formula."""
+    x = jax.random.normal(jax.random.key(1), (3, 5, 16)) * 2 + 0.5
+    w = jax.random.normal(jax.random.key(2), (16,))
+    ct = jax.random.normal(jax.random.key(3), x.shape)
+
+    def formula(x, w):
+        d = jnp.var(x, axis=-1, keepdims=True, ddof=1) if form == "timm_var" else jnp.mean(x**2, -1, keepdims=True)
+        return jnp.sum(x * jax.lax.rsqrt(d + 1e-6) * w * ct)
+
+    got = jax.jit(jax.grad(lambda x, w: jnp.sum(rms_scale(x, w, eps=1e-6, form=form) * ct), (0, 1)))(x, w)
+    want = jax.grad(formula, (0, 1))(x, w)
+    for name, a, b in zip(("dx", "dw"), got, want, strict=True):
+        assert_close(a, b, 1e-5, name)
 
 
 def test_head_groups_divide_the_heads():
