@@ -12,7 +12,7 @@ from rdt_jax.model.attention import (
     to_head_major,
 )
 from rdt_jax.model.config import RDTConfig
-from rdt_jax.model.layers import Mlp, linear, zeros
+from rdt_jax.model.layers import Mlp, dense, linear, zeros
 from rdt_jax.model.norm import RmsNorm
 
 
@@ -61,8 +61,14 @@ class CrossAttention(nnx.Module):
     def _cond_k_v(self, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Normalised keys and values of the condition, (B, S, H, hd) each."""
         b, length, d = cond.shape
-        kv = self.kv(cond).reshape(b, length, 2, self.num_heads, d // self.num_heads)
-        return self.k_norm(kv[:, :, 0]), kv[:, :, 1]
+        cond, kernel, bias = self.kv.promote_dtype((cond, self.kv.kernel[...], self.kv.bias[...]), dtype=self.kv.dtype)
+        # K and V as two products over the halves of the fused weight (the same numbers): each float32
+        # product is half the size, and XLA:CPU keeps every image block's rounded K|V alive until the
+        # denoising loop starts, so this halves the sampling program's peak temporaries.
+        heads = (b, length, self.num_heads, d // self.num_heads)
+        k = dense(cond, kernel[:, :d], bias[:d]).reshape(heads)
+        v = dense(cond, kernel[:, d:], bias[d:]).reshape(heads)
+        return self.k_norm(k), v
 
     def cond_kv(self, cond: jax.Array) -> tuple[jax.Array, jax.Array]:
         return to_head_major(*self._cond_k_v(cond))

@@ -53,7 +53,8 @@ def is_per_layer(params: dict) -> bool:
 
 def _layers_of(arr: Any) -> list:
     """``arr``'s slices along its first axis, as arrays of the same kind."""
-    if isinstance(arr, jax.Array) and len(arr.devices()) == 1 and next(iter(arr.devices())).platform == "cpu":
+    concrete = isinstance(arr, jax.Array) and not isinstance(arr, jax.core.Tracer)
+    if concrete and len(arr.devices()) == 1 and next(iter(arr.devices())).platform == "cpu":
         # Copied out of a host view: slicing the jax array dispatched one compiled program per shape,
         # and their compilations and buffers left 0.4 GiB of heap behind for rdt-170m.
         host = np.asarray(arr)
