@@ -81,6 +81,9 @@ def test_second_golden_fixture_horizon_64(shared_dir):
         def get(self, key):
             return g[f"w/{key}"]
 
+        def release(self, key):
+            pass
+
     policy = nnx.eval_shape(lambda: RDTPolicy(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(policy)
     nnx.replace_by_pure_dict(state, params_from_torch(NpzReader(), cfg))

@@ -74,6 +74,7 @@ def params_from_torch(reader: WeightReader, cfg: RDTConfig, dtype: Any = np.floa
         else:
             _set(tree, spec.path, np.ascontiguousarray(value.astype(dtype)))
         del value
+        reader.release(spec.torch_key)  # copied above (astype always copies)
     return tree
 
 
