@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rdt_jax.encoders import load_siglip
+from rdt_jax.encoders import _ops, load_siglip
 from rdt_jax.encoders.image_encoding import encode_images, make_image_encoder
 
 # (name, config): includes odd widths / head dims / MLP sizes and an image size not divisible
@@ -154,3 +154,16 @@ def test_preprocess_and_encode_raw_images(hf_factory, errs):
     ref = _ref(model, pix).reshape(1, 6 * 16, 16)
     out = np.asarray(make_image_encoder(load_siglip(path))(pix[None]))
     assert rel_err(out, ref) <= 1e-5
+
+
+# One group of all (batch, head) pairs; 2 groups of 2 (so400m-sized scores); 4 groups of 1.
+@pytest.mark.parametrize("shape", [(2, 9, 3, 8), (1, 729, 4, 72), (2, 1200, 2, 16)])
+def test_attention_16bit_matches_float32(errs, shape):
+    """The bf16 attention (bf16 products, float32 accumulation and softmax) against float32 math."""
+    rel_err, _ = errs
+    q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.float32) for i in range(3))
+    scale = shape[-1] ** -0.5
+    ref = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale, -1), v)
+    out = _ops.attention_16bit(*(x.astype(jnp.bfloat16) for x in (q, k, v)), scale)
+    assert out.dtype == jnp.bfloat16 and out.shape == shape
+    assert rel_err(np.asarray(out.astype(jnp.float32)), np.asarray(ref)) <= 2e-2
