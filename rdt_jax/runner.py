@@ -56,30 +56,30 @@ CPU_16BIT_WEIGHT_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code
 CPU_SAMPLING_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 _SAMPLE_STATIC = ("graphdef", "num_steps", "cache_cond_kv", "capture")
-_sample_default = jax.jit(_sample_fn, static_argnames=_SAMPLE_STATIC)
-_sample_cpu = jax.jit(_sample_fn, static_argnames=_SAMPLE_STATIC, compiler_options=CPU_SAMPLING_OPTIONS)
-_sample_16bit_cpu = jax.jit(_sample_fn, static_argnames=_SAMPLE_STATIC,
-                            compiler_options={**CPU_SAMPLING_OPTIONS, **CPU_16BIT_WEIGHT_OPTIONS})
-
-
-def _has_16bit_weights(state: Any) -> bool:
-    return any(jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
-               for x in jax.tree.leaves(state))
 
 
 def sampling_compiler_options(state: Any) -> dict[str, str]:
     """XLA options for compiling sampling with these weights on the default backend."""
     if jax.default_backend() != "cpu":
         return {}
-    return {**CPU_SAMPLING_OPTIONS, **(CPU_16BIT_WEIGHT_OPTIONS if _has_16bit_weights(state) else {})}
+    sixteen = any(jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
+                  for x in jax.tree.leaves(state))
+    return {**CPU_SAMPLING_OPTIONS, **(CPU_16BIT_WEIGHT_OPTIONS if sixteen else {})}
+
+
+@functools.cache
+def _sampler(options: tuple[tuple[str, str], ...]) -> Any:
+    # One jitted sampler per option set (module-level, so runners of one architecture share compiled code).
+    return jax.jit(_sample_fn, static_argnames=_SAMPLE_STATIC, compiler_options=dict(options) or None)
+
+
+def sampler_for(state: Any) -> Any:
+    """The jitted sampling function, compiled with :func:`sampling_compiler_options` for ``state``."""
+    return _sampler(tuple(sorted(sampling_compiler_options(state).items())))
 
 
 def _sample(graphdef, state, *args, **kwargs):
-    if jax.default_backend() != "cpu":
-        jitted = _sample_default
-    else:
-        jitted = _sample_16bit_cpu if _has_16bit_weights(state) else _sample_cpu
-    return jitted(graphdef, state, *args, **kwargs)
+    return sampler_for(state)(graphdef, state, *args, **kwargs)
 
 
 def resolve_layer_layout(layer_layout: str) -> str:

@@ -221,7 +221,7 @@ def test_bf16_weight_sampling_keeps_weights_16bit_on_cpu():
         **runner_mod.CPU_SAMPLING_OPTIONS, **runner_mod.CPU_16BIT_WEIGHT_OPTIONS}
     block_f32_bytes = sum(a.size * 4 for a in jax.tree.leaves(nnx.state(r.policy.model.lang_blocks)))
     block_f32_bytes += sum(a.size * 4 for a in jax.tree.leaves(nnx.state(r.policy.model.img_blocks)))
-    compiled = runner_mod._sample_16bit_cpu.lower(r.graphdef, r.state, *args).compile()
+    compiled = runner_mod.sampler_for(r.state).lower(r.graphdef, r.state, *args).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < 0.5 * block_f32_bytes, (temp, block_f32_bytes)  # with the pass on: 1.16x
     # Same actions as float32 arithmetic on the same (bf16-valued) weights.
@@ -247,7 +247,7 @@ def test_cpu_sampling_keeps_one_blocks_kv_projection_alive():
     args = [x[k] for k in PA] + [np.zeros((1, cfg.pred_horizon, cfg.action_dim), np.float32)]
 
     def temp_bytes(options: dict) -> int:
-        jitted = jax.jit(runner_mod._sample_fn, static_argnames=runner_mod._SAMPLE_STATIC, compiler_options=options)
+        jitted = runner_mod._sampler(tuple(sorted(options.items())))
         return jitted.lower(r.graphdef, r.state, *args).compile().memory_analysis().temp_size_in_bytes
 
     n_img_blocks = cfg.depth // 2

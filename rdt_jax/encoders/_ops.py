@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 # The encoders' dense layers are the model's (float32 accumulation, one rounding).
+from rdt_jax.model.attention import head_group_size
 from rdt_jax.model.layers import dense as dense
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
@@ -75,7 +76,7 @@ def dense_t(w: jax.Array, x_t: jax.Array) -> jax.Array:
 
     Float32 accumulator and one rounding to ``x_t.dtype``, like :func:`dense`, whose transpose
     it is (``dense_t(w, x.T) == dense(x, w.T).T``). It exists for speed: with few tokens (T5 on a
-    32-token instruction) the GEMM is a thin, weight-read-bound product, and XLA:CPU's bf16 kernels
+    32-token instruction) the GEMM is a thin product, and XLA:CPU's bf16 kernels
     (YNNPACK) run it far faster with the weight as the left operand contracting over its last
     (contiguous) axis. Measured on this 2-core Zen 5, bf16, 32 columns: 513-595 GFLOP/s for
     T5-XXL's three weight shapes, against 243-263 for ``x @ w`` with an (in, out) weight and
@@ -98,10 +99,6 @@ def softmax_f32(logits: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
 
 
-# Attention scores per head group (float32 bytes): a few MB stays in the last-level cache.
-_ATTN_GROUP_BYTES = 6 * 2**20
-
-
 def attention_16bit(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
     """Softmax attention of 16-bit ``q``, ``k``, ``v`` (B, S, H, hd) -> (B, S, H, hd), no mask.
 
@@ -117,7 +114,7 @@ def attention_16bit(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> j
     if jnp.dtype(dt).itemsize != 2:
         raise ValueError(f"attention_16bit takes 16-bit inputs, got {dt}")
     qh, kh, vh = (jnp.swapaxes(t, 1, 2).reshape(b * h, s, hd) for t in (q, k, v))
-    g = max(d for d in range(1, b * h + 1) if (b * h) % d == 0 and (d == 1 or d * s * s * 4 <= _ATTN_GROUP_BYTES))
+    g = head_group_size(b * h, s * s * 4)  # float32 scores per (batch, head) pair
     dims = lambda c: (((2,), (c,)), ((0,), (0,)))
 
     def group(i: jax.Array) -> jax.Array:
@@ -141,6 +138,15 @@ LAYER_LAYOUTS: tuple[str, ...] = ("per_layer", "stacked")
 def check_layout(layer_layout: str) -> None:
     if layer_layout not in LAYER_LAYOUTS:
         raise ValueError(f"layer_layout must be one of {LAYER_LAYOUTS}, got {layer_layout!r}")
+
+
+def make_layers(make: Callable[[int | None], nnx.Module], n_layers: int, layer_layout: str) -> nnx.Module:
+    """The encoder's layers in ``layer_layout``: ``make(n_layers)`` (one module of stacked
+    parameters) or an ``nnx.List`` of ``make(None)`` (one module per layer)."""
+    check_layout(layer_layout)
+    if layer_layout == "stacked":
+        return make(n_layers)
+    return nnx.List([make(None) for _ in range(n_layers)])
 
 
 def run_layers(

@@ -158,12 +158,8 @@ class SiglipVisionTower(nnx.Module):
         self.patch_kernel = mk(nnx.initializers.normal(0.02), (p, p, c, d), (None, None, None, "embed"))
         self.patch_bias = mk(nnx.initializers.zeros, (d,), ("embed",))
         self.pos_embed = mk(nnx.initializers.normal(0.02), (cfg.num_patches, d), (None, "embed"))
-        if layer_layout == "stacked":
-            self.layers = _Layers(cfg, param_dtype=param_dtype, rngs=rngs, n_layers=cfg.num_hidden_layers)
-        else:
-            self.layers = nnx.List(
-                [_Layers(cfg, param_dtype=param_dtype, rngs=rngs, n_layers=None) for _ in range(cfg.num_hidden_layers)]
-            )
+        self.layers = _ops.make_layers(lambda n: _Layers(cfg, param_dtype=param_dtype, rngs=rngs, n_layers=n),
+                                       cfg.num_hidden_layers, layer_layout)
         self.post_ln_scale = mk(nnx.initializers.ones, (d,), ("embed",))
         self.post_ln_bias = mk(nnx.initializers.zeros, (d,), ("embed",))
 

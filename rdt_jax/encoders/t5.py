@@ -179,12 +179,8 @@ class T5Encoder(nnx.Module):
             (cfg.relative_attention_num_buckets, cfg.num_heads),
             (None, "heads"),
         )
-        if layer_layout == "stacked":
-            self.blocks = _Blocks(cfg, param_dtype=param_dtype, rngs=rngs, n_layers=cfg.num_layers)
-        else:
-            self.blocks = nnx.List(
-                [_Blocks(cfg, param_dtype=param_dtype, rngs=rngs, n_layers=None) for _ in range(cfg.num_layers)]
-            )
+        self.blocks = _ops.make_layers(lambda n: _Blocks(cfg, param_dtype=param_dtype, rngs=rngs, n_layers=n),
+                                       cfg.num_layers, layer_layout)
         self.final_norm = mk(nnx.initializers.ones, (cfg.d_model,), ("embed",))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:

@@ -71,7 +71,8 @@ def to_head_major(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
 _CPU_GROUP_BYTES = 6 * 2**20
 
 
-def _group_size(n_heads: int, bytes_per_head: int) -> int:
+def head_group_size(n_heads: int, bytes_per_head: int) -> int:
+    """The largest divisor of ``n_heads`` whose scores fit the per-group budget (at least 1)."""
     best = 1
     for g in range(1, n_heads + 1):
         if n_heads % g == 0 and g * bytes_per_head <= _CPU_GROUP_BYTES:
@@ -174,10 +175,7 @@ def _group_map(fn, n_heads: int, g: int):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _grouped_attention(qh, k, v, bias, g, layout):
     """(B, T, H, hd) float32 attention output, computed head group by head group."""
-    rows = layout == "sequence_major"
-    out = _group_map(lambda i: _attend_group(_take(qh, i, g), *_kv_group(k, v, i, g, layout), bias, rows)[0],
-                     qh.shape[1], g)
-    return _to_sequence_major(out)
+    return _grouped_attention_fwd(qh, k, v, bias, g, layout)[0]  # XLA drops the unused logsumexp
 
 
 def _grouped_attention_fwd(qh, k, v, bias, g, layout):
@@ -234,7 +232,7 @@ def _cpu_grouped(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array |
     # Groups run along the head axis only (the batch axis may be sharded over devices). Each group
     # is sliced inside the loop from the arrays as they are: moving the group axis to the front for
     # lax.map's xs makes XLA copy all of K and V on every call.
-    g = _group_size(h, b * t * s * 4)
+    g = head_group_size(h, b * t * s * 4)
     return _grouped_attention(qh, k, v, _key_bias(key_mask), g, layout).astype(q.dtype)
 
 

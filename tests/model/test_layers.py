@@ -118,6 +118,21 @@ def test_head_major_cross_attention_matches_einsum(impl, group_bytes, monkeypatc
     assert_close(out_bf.astype(jnp.float32), out, 3e-2, "bf16")
 
 
+def _assert_gradients_match(ours, ref, args, names):
+    """Gradients of ``ours`` (jitted) against autodiff of the float32 ``ref``: 1e-5 in float32, and
+    bf16 inputs give bf16 gradients without NaN within bf16 error. Returns the float32 gradients."""
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(*args)
+    want = jax.grad(ref, argnums=(0, 1, 2))(*args)
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.shape == b.shape
+        assert_close(a, b, 1e-5, name)
+    got_bf = jax.grad(ours, argnums=(0, 1, 2))(*(a.astype(jnp.bfloat16) for a in args))
+    for name, a, b in zip(names, got_bf, want, strict=True):
+        assert a.dtype == jnp.bfloat16 and not bool(jnp.isnan(a.astype(jnp.float32)).any())
+        assert_close(a.astype(jnp.float32), b, 5e-2, f"bf16 {name}")
+    return got
+
+
 @pytest.mark.parametrize("group_bytes", [1, 2 * 2 * 5 * 7 * 4, 2**30])
 @pytest.mark.parametrize("masked", [False, True])
 def test_head_major_attention_gradients_match_the_reference(group_bytes, masked, monkeypatch):
@@ -135,18 +150,9 @@ def test_head_major_attention_gradients_match_the_reference(group_bytes, masked,
         k, v = jnp.transpose(kt, (0, 3, 1, 2)), jnp.transpose(vh, (0, 2, 1, 3))
         return jnp.sum(attention.reference_attention(q, k, v, mask) * ct)
 
-    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, kt, vh)
-    want = jax.grad(ref, argnums=(0, 1, 2))(q, kt, vh)
-    for name, a, b in zip(("dq", "dkt", "dvh"), got, want, strict=True):
-        assert a.shape == b.shape
-        assert_close(a, b, 1e-5, name)
+    got = _assert_gradients_match(ours, ref, (q, kt, vh), ("dq", "dkt", "dvh"))
     if masked:  # masked keys get exactly zero gradient
         assert float(jnp.abs(got[1][1, :, :, 4:]).max()) == 0.0 and float(jnp.abs(got[2][1, :, 4:]).max()) == 0.0
-    bf = [a.astype(jnp.bfloat16) for a in (q, kt, vh)]
-    got_bf = jax.grad(ours, argnums=(0, 1, 2))(*bf)
-    for name, a, b in zip(("dq", "dkt", "dvh"), got_bf, want, strict=True):
-        assert a.dtype == jnp.bfloat16 and not bool(jnp.isnan(a.astype(jnp.float32)).any())
-        assert_close(a.astype(jnp.float32), b, 5e-2, f"bf16 {name}")
 
 
 @pytest.mark.parametrize("group_bytes", [1, 2 * 2 * 5 * 7 * 4, 2**30])
@@ -165,18 +171,9 @@ def test_sequence_major_attention_matches_the_reference(group_bytes, masked, mon
     def ref(q, k, v):
         return jnp.sum(attention.reference_attention(q, k, v, mask) * ct)
 
-    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
-    want = jax.grad(ref, argnums=(0, 1, 2))(q, k, v)
-    for name, a, b in zip(("dq", "dk", "dv"), got, want, strict=True):
-        assert a.shape == b.shape
-        assert_close(a, b, 1e-5, name)
+    got = _assert_gradients_match(ours, ref, (q, k, v), ("dq", "dk", "dv"))
     if masked:  # masked keys get exactly zero gradient
         assert float(jnp.abs(got[1][1, 4:]).max()) == 0.0 and float(jnp.abs(got[2][1, 4:]).max()) == 0.0
-    bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
-    got_bf = jax.grad(ours, argnums=(0, 1, 2))(*bf)
-    for name, a, b in zip(("dq", "dk", "dv"), got_bf, want, strict=True):
-        assert a.dtype == jnp.bfloat16 and not bool(jnp.isnan(a.astype(jnp.float32)).any())
-        assert_close(a.astype(jnp.float32), b, 5e-2, f"bf16 {name}")
 
 
 @pytest.mark.parametrize("form", ["timm_var", "rms"])
@@ -197,10 +194,10 @@ def test_norm_gradients_match_autodiff_of_the_formula(form):
 
 
 def test_head_groups_divide_the_heads():
-    assert attention._group_size(32, 1) == 32
-    assert attention._group_size(32, attention._CPU_GROUP_BYTES) == 1
-    assert attention._group_size(12, attention._CPU_GROUP_BYTES // 5) == 4  # largest divisor that fits
-    assert attention._group_size(7, 2 * attention._CPU_GROUP_BYTES) == 1  # nothing fits: one head at a time
+    assert attention.head_group_size(32, 1) == 32
+    assert attention.head_group_size(32, attention._CPU_GROUP_BYTES) == 1
+    assert attention.head_group_size(12, attention._CPU_GROUP_BYTES // 5) == 4  # largest divisor that fits
+    assert attention.head_group_size(7, 2 * attention._CPU_GROUP_BYTES) == 1  # nothing fits: one head at a time
 
 
 def test_attention_impl_errors():
