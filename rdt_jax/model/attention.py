@@ -10,8 +10,10 @@ boolean, True = may attend (the official CrossAttention's convention).
 * ``reference``: plain einsum + softmax in float32, the ground truth for tests.
 
 Cross-attention to the conditions uses :func:`head_major_attention`, whose keys and values come in a
-head-major layout (``kt``: (B, H, hd, S), ``vh``: (B, H, S, hd)) so that both products are plain
-batched matrix multiplies without a transpose per call. The layout pays off when K/V are computed
+head-major layout (``kh``, ``vh``: (B, H, S, hd)) so that each head's keys and values are contiguous
+and both products are batched matrix multiplies without a transpose per call (the key product
+contracts over hd in place: a (S, hd) -> (hd, S) copy of every image block's keys cost XLA:CPU
+more than the product). The layout pays off when K/V are computed
 once and reused at every denoising step. On CPU the ``xla`` path also walks the heads in small
 groups: the (queries x 4374 keys) score block of a few heads stays in cache between the two matmuls
 and the softmax, where the all-heads version streams ~40 MB through memory five times (5x slower).
@@ -63,8 +65,8 @@ def dot_product_attention(
 
 
 def to_head_major(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(B, S, H, hd) keys/values -> ``kt`` (B, H, hd, S) and ``vh`` (B, H, S, hd)."""
-    return jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
+    """(B, S, H, hd) keys/values -> ``kh``, ``vh`` (B, H, S, hd)."""
+    return jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
 
 # Score bytes per head group on CPU; a few MB keeps a group's scores in the last-level cache.
@@ -80,58 +82,64 @@ def head_group_size(n_heads: int, bytes_per_head: int) -> int:
     return best
 
 
-def _logits(q: jax.Array, k: jax.Array, bias: jax.Array | None, k_rows: bool) -> jax.Array:
-    # k is kt (B, g, hd, S), or with k_rows the keys as rows (B, g, S, hd): contracted over hd
-    # directly, so sequence-major keys need no (S, hd) -> (hd, S) transpose (strided, slow on CPU).
-    if k_rows:
-        logits = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
-    else:
-        logits = jnp.matmul(q, k, preferred_element_type=jnp.float32)
+def _logits(q: jax.Array, k: jax.Array, bias: jax.Array | None) -> jax.Array:
+    # q (B, g, T, hd) against the keys as rows (B, g, S, hd), contracted over hd in place: no
+    # (S, hd) -> (hd, S) transpose (strided, slow on CPU).
+    logits = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
     # Scaled in float32: hd ** -0.5 is not exact in bf16.
     logits = logits * (q.shape[-1] ** -0.5)
     return logits if bias is None else logits + bias
 
 
-def _attend_group(q, k, vh, bias, k_rows=False):
-    """One head group, float32: q (B, g, T, hd), k (B, g, hd, S) (``k_rows``: (B, g, S, hd)),
-    vh (B, g, S, hd) -> out, logsumexp.
+def _product_dtype(*xs: jax.Array):
+    """16-bit inputs stay 16-bit in the products (XLA:CPU's native bf16 GEMMs accumulate in float32:
+    PyTorch's bf16 attention); anything else runs in float32."""
+    dt = jnp.result_type(*xs)
+    return dt if jnp.dtype(dt).itemsize == 2 else jnp.dtype(jnp.float32)
 
-    16-bit inputs are widened per group (the group is in cache), so the products run in float32,
-    never less accurate than PyTorch's bf16 attention.
+
+def _attend_group(q, kh, vh, bias):
+    """One head group: q (B, g, T, hd), kh and vh (B, g, S, hd) -> float32 out, logsumexp.
+
+    As PyTorch's CPU flash attention: products in the inputs' precision with float32 accumulation,
+    the scale, softmax sum and normalisation in float32, the unnormalised probabilities rounded to
+    the 16-bit input dtype for the value product. Widening a bf16 group to float32 instead ran
+    both products as float32 GEMMs, 1.5x the time of the whole group.
     """
-    q, k, vh = (x.astype(jnp.float32) for x in (q, k, vh))
-    logits = _logits(q, k, bias, k_rows)
+    dt = _product_dtype(q, kh, vh)
+    q, kh, vh = (x.astype(dt) for x in (q, kh, vh))
+    logits = _logits(q, kh, bias)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     weights = jnp.exp(logits - peak)
     denom = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.matmul(weights, vh, preferred_element_type=jnp.float32) / denom
+    out = jnp.matmul(weights.astype(dt), vh, preferred_element_type=jnp.float32) / denom
     return out, peak + jnp.log(denom)
 
 
-def _attend_group_bwd(q, k, vh, bias, out, lse, dout, k_rows=False):
-    """Gradients (dq, dk in k's layout, dvh) of one group from the saved output and logsumexp (the
-    scores are recomputed)."""
-    q, k, vh = (x.astype(jnp.float32) for x in (q, k, vh))
-    probs = jnp.exp(_logits(q, k, bias, k_rows) - lse)
+def _attend_group_bwd(q, kh, vh, bias, out, lse, dout):
+    """Gradients (dq, dkh, dvh) of one group from the saved output and logsumexp (the
+    scores are recomputed). Products as in the forward: the inputs' precision, float32
+    accumulation; the softmax gradient in float32."""
+    dt = _product_dtype(q, kh, vh)
+    q, kh, vh = (x.astype(dt) for x in (q, kh, vh))
+    mm = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+    contract = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+    probs = jnp.exp(_logits(q, kh, bias) - lse)
     scale = q.shape[-1] ** -0.5
-    dvh = jnp.matmul(jnp.swapaxes(probs, -1, -2), dout)
+    dvh = mm(jnp.swapaxes(probs.astype(dt), -1, -2), dout.astype(dt))
     # dout vh^T contracted over hd in place: a (S, hd) -> (hd, S) transpose of the group is strided.
-    dprobs = jax.lax.dot_general(dout, vh, (((3,), (3,)), ((0, 1), (0, 1))))
-    dlogits = probs * (dprobs - jnp.sum(dout * out, axis=-1, keepdims=True)) * scale
-    if k_rows:
-        dq = jnp.matmul(dlogits, k)
-        dk = jax.lax.dot_general(dlogits, q, (((2,), (2,)), ((0, 1), (0, 1))))  # dlogits^T q: (B, g, S, hd)
-    else:
-        dq = jnp.matmul(dlogits, jnp.swapaxes(k, -1, -2))
-        dk = jnp.matmul(jnp.swapaxes(q, -1, -2), dlogits)
-    return dq, dk, dvh
+    dprobs = contract(dout.astype(dt), vh, (((3,), (3,)), ((0, 1), (0, 1))))
+    dlogits = (probs * (dprobs - jnp.sum(dout * out, axis=-1, keepdims=True)) * scale).astype(dt)
+    dq = mm(dlogits, kh)
+    dkh = contract(dlogits, q, (((2,), (2,)), ((0, 1), (0, 1))))  # dlogits^T q: (B, g, S, hd)
+    return dq, dkh, dvh
 
 
 def _take(x: jax.Array, i: jax.Array, g: int, axis: int = 1) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, i * g, g, axis=axis)
 
 
-# Where the head axis of K and V is: "head_major" = ``kt`` (B, H, hd, S) / ``vh`` (B, H, S, hd);
+# Where the head axis of K and V is: "head_major" = ``kh`` / ``vh`` (B, H, S, hd);
 # "sequence_major" = k, v (B, S, H, hd), as the projection produces them.
 _HEAD_AXIS = {"head_major": 1, "sequence_major": 2}
 
@@ -148,8 +156,7 @@ def _from_bits(x: jax.Array, dtype) -> jax.Array:
 
 
 def _kv_group(k: jax.Array, v: jax.Array, i: jax.Array, g: int, layout: str) -> tuple[jax.Array, jax.Array]:
-    """Head group ``i`` of K and V: ``kt`` (B, g, hd, S) / ``vh`` (B, g, S, hd) for head-major K/V;
-    K as rows (B, g, S, hd) and ``vh`` for sequence-major ones.
+    """Head group ``i`` of K and V, (B, g, S, hd) each.
 
     Sequence-major K/V are transposed here, one group at a time: the group is a few MB and the
     (S, g, hd) -> (g, S, hd) move keeps hd contiguous, where a head-major copy of the whole K and V
@@ -179,8 +186,7 @@ def _grouped_attention(qh, k, v, bias, g, layout):
 
 
 def _grouped_attention_fwd(qh, k, v, bias, g, layout):
-    rows = layout == "sequence_major"
-    out, lse = _group_map(lambda i: _attend_group(_take(qh, i, g), *_kv_group(k, v, i, g, layout), bias, rows),
+    out, lse = _group_map(lambda i: _attend_group(_take(qh, i, g), *_kv_group(k, v, i, g, layout), bias),
                           qh.shape[1], g)
     out = _to_sequence_major(out)
     return out, (qh, k, v, bias, out, lse)
@@ -199,7 +205,7 @@ def _grouped_attention_bwd(g, layout, res, dout):
 
     def body(i, bufs):
         dq, dk, dv = _attend_group_bwd(_take(qh, i, g), *_kv_group(k, v, i, g, layout), bias, head_major(out, i),
-                                       lse[i], head_major(dout, i), layout == "sequence_major")
+                                       lse[i], head_major(dout, i))
         if layout == "sequence_major":  # (B, g, S, hd) -> (B, S, g, hd)
             dk, dv = jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)
         put = jax.lax.dynamic_update_slice_in_dim
@@ -225,7 +231,7 @@ def _key_bias(key_mask: jax.Array | None) -> jax.Array | None:
 
 def _cpu_grouped(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, layout: str) -> jax.Array:
     b, t, h, _ = q.shape
-    s = k.shape[-1] if layout == "head_major" else k.shape[1]
+    s = k.shape[2] if layout == "head_major" else k.shape[1]
     if key_mask is not None and key_mask.shape != (b, s):
         raise ValueError(f"key_mask must have shape {(b, s)}, got {key_mask.shape}")
     qh = jnp.transpose(q, (0, 2, 1, 3))  # (B, H, T, hd)
@@ -238,24 +244,23 @@ def _cpu_grouped(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array |
 
 def head_major_attention(
     q: jax.Array,
-    kt: jax.Array,
+    kh: jax.Array,
     vh: jax.Array,
     key_mask: jax.Array | None = None,
     *,
     impl: str = "xla",
 ) -> jax.Array:
-    """Attention of ``q`` (B, T, H, hd) to head-major ``kt`` (B, H, hd, S) / ``vh`` (B, H, S, hd)."""
+    """Attention of ``q`` (B, T, H, hd) to head-major keys ``kh`` and values ``vh`` (B, H, S, hd)."""
     if q.ndim != 4:
         raise ValueError(f"q must be (B, T, H, hd), got {q.shape}")
     b, _, h, hd = q.shape
-    s = kt.shape[-1]
-    if kt.shape != (b, h, hd, s) or vh.shape != (b, h, s, hd):
-        raise ValueError(f"kt must be {(b, h, hd, s)} and vh {(b, h, s, hd)}; got {kt.shape}, {vh.shape}")
+    s = kh.shape[2] if kh.ndim == 4 else -1
+    if kh.shape != (b, h, s, hd) or vh.shape != (b, h, s, hd):
+        raise ValueError(f"kh and vh must both be (B, H, S, hd) = {(b, h, 'S', hd)}; got {kh.shape}, {vh.shape}")
     if impl != "xla" or jax.default_backend() != "cpu":
         # Other kernels (and the reference) take the sequence-major layout.
-        k, v = jnp.transpose(kt, (0, 3, 1, 2)), jnp.transpose(vh, (0, 2, 1, 3))
-        return dot_product_attention(q, k, v, key_mask, impl=impl)
-    return _cpu_grouped(q, kt, vh, key_mask, "head_major")
+        return dot_product_attention(q, jnp.swapaxes(kh, 1, 2), jnp.swapaxes(vh, 1, 2), key_mask, impl=impl)
+    return _cpu_grouped(q, kh, vh, key_mask, "head_major")
 
 
 def sequence_major_attention(

@@ -45,7 +45,7 @@ class CrossAttention(nnx.Module):
 
     ``cond_kv`` is split out so that sampling can compute each block's condition K/V once per call
     and reuse them at every denoising step (they do not depend on the step). It returns them
-    head-major (``kt`` (B, H, hd, S), ``vh`` (B, H, S, hd)), the layout the attention consumes.
+    head-major (``kh``, ``vh`` (B, H, S, hd)), the layout the attention consumes.
     """
 
     def __init__(self, cfg: RDTConfig, *, rngs: nnx.Rngs):

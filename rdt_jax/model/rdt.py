@@ -22,8 +22,8 @@ from rdt_jax.model.pos_embed import initial_pos_tables
 class CondKV(NamedTuple):
     """Per-block cross-attention keys/values of the conditions.
 
-    Head-major, the layout :func:`~rdt_jax.model.attention.head_major_attention` takes: ``lang_k``
-    (n_lang_blocks, B, H, hd, L), ``lang_v`` (n_lang_blocks, B, H, L, hd); ``img_k``/``img_v`` the
+    Head-major, the layout :func:`~rdt_jax.model.attention.head_major_attention` takes: ``lang_k`` and
+    ``lang_v`` (n_lang_blocks, B, H, L, hd); ``img_k``/``img_v`` the
     same over the n_img_blocks image blocks and I image tokens. Stacked over blocks for the
     ``stacked`` layer layout; tuples of per-block arrays for ``per_layer`` (``kv.img_k[i]`` is block
     ``i``'s either way).
@@ -141,7 +141,7 @@ class RDT(nnx.Module):
             lc = ic = None
         if lang_mask is not None:
             lang_mask = jnp.asarray(lang_mask, bool)
-            expected = (batch, lc.shape[1] if lc is not None else cond_kv.lang_k[0].shape[-1])
+            expected = (batch, lc.shape[1] if lc is not None else cond_kv.lang_k[0].shape[-2])
             if lang_mask.shape != expected:
                 raise ValueError(f"lang_mask must have shape {expected}, got {lang_mask.shape}")
 
