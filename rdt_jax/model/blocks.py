@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from rdt_jax.model.attention import (
     dot_product_attention,
@@ -40,6 +41,10 @@ class SelfAttention(nnx.Module):
         return self.proj(o.reshape(b, n, d))
 
 
+# The name the conditions' K/V products carry for remat policies (``RDTConfig.remat="save_cond_kv"``).
+COND_KV_NAME = "cond_kv"
+
+
 class CrossAttention(nnx.Module):
     """The official ``CrossAttention``: q from the tokens, fused kv (k | v) from the condition, q/k norm.
 
@@ -66,8 +71,9 @@ class CrossAttention(nnx.Module):
         # product is half the size, and XLA:CPU keeps every image block's rounded K|V alive until the
         # denoising loop starts, so this halves the sampling program's peak temporaries.
         heads = (b, length, self.num_heads, d // self.num_heads)
-        k = dense(cond, kernel[:, :d], bias[:d]).reshape(heads)
-        v = dense(cond, kernel[:, d:], bias[d:]).reshape(heads)
+        # Named for the "save_cond_kv" remat policy; the key norm after them is cheap to recompute.
+        k = checkpoint_name(dense(cond, kernel[:, :d], bias[:d]).reshape(heads), COND_KV_NAME)
+        v = checkpoint_name(dense(cond, kernel[:, d:], bias[d:]).reshape(heads), COND_KV_NAME)
         return self.k_norm(k), v
 
     def cond_kv(self, cond: jax.Array) -> tuple[jax.Array, jax.Array]:

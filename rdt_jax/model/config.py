@@ -12,13 +12,13 @@ import json
 import pathlib
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 
 NormForm = Literal["timm_var", "rms"]
 AttentionImpl = Literal["xla", "cudnn", "pallas", "reference"]
-RematPolicy = Literal["none", "full", "save_dots"]
+RematPolicy = Literal["none", "full", "save_dots", "save_cond_kv"]
 LayerLayout = Literal["stacked", "per_layer"]
 
 _ADAPTOR_RE = re.compile(r"^mlp(\d+)x_gelu$")
@@ -96,7 +96,7 @@ class RDTConfig:
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}")
         if self.layer_layout not in ("stacked", "per_layer"):
             raise ValueError(f"layer_layout must be 'stacked' or 'per_layer', got {self.layer_layout!r}")
-        if self.remat not in ("none", "full", "save_dots"):
+        if self.remat not in get_args(RematPolicy):
             raise ValueError(f"unknown remat policy {self.remat!r}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):

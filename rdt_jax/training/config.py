@@ -23,7 +23,7 @@ class ModelConfig:
     pred_horizon: int | None = None  # tiny only (the released models predict 64 steps)
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute (bf16 = official mixed precision)
-    remat: Literal["none", "full", "save_dots"] = "none"
+    remat: Literal["none", "full", "save_dots", "save_cond_kv"] = "none"
     # How the train step runs the blocks (checkpoints store them stacked either way): "stacked" =
     # lax.scan over layers, compile time flat in depth; "per_layer" = slices the blocks once per step
     # and runs a Python loop: faster for bf16 compute on CPU (BENCHMARKS.md), at the cost of one more
