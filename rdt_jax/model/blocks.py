@@ -13,7 +13,7 @@ from rdt_jax.model.attention import (
     to_head_major,
 )
 from rdt_jax.model.config import RDTConfig
-from rdt_jax.model.layers import Mlp, dense, linear, zeros
+from rdt_jax.model.layers import Mlp, dense_split, linear, zeros
 from rdt_jax.model.norm import RmsNorm
 
 
@@ -70,10 +70,10 @@ class CrossAttention(nnx.Module):
         # K and V as two products over the halves of the fused weight (the same numbers): each float32
         # product is half the size, and XLA:CPU keeps every image block's rounded K|V alive until the
         # denoising loop starts, so this halves the sampling program's peak temporaries.
-        heads = (b, length, self.num_heads, d // self.num_heads)
+        k, v = dense_split(cond, kernel, bias, d)
         # Named for the "save_cond_kv" remat policy; the key norm after them is cheap to recompute.
-        k = checkpoint_name(dense(cond, kernel[:, :d], bias[:d]).reshape(heads), COND_KV_NAME)
-        v = checkpoint_name(dense(cond, kernel[:, d:], bias[d:]).reshape(heads), COND_KV_NAME)
+        heads = (b, length, self.num_heads, d // self.num_heads)
+        k, v = (checkpoint_name(x.reshape(heads), COND_KV_NAME) for x in (k, v))
         return self.k_norm(k), v
 
     def cond_kv(self, cond: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -16,7 +16,7 @@ from rdt_jax.model.attention import (
     sequence_major_attention,
     to_head_major,
 )
-from rdt_jax.model.layers import Adaptor
+from rdt_jax.model.layers import Adaptor, dense, dense_split
 from rdt_jax.model.norm import rms_scale
 from tests.helpers import assert_close
 
@@ -233,3 +233,30 @@ def test_attention_impl_errors():
         head_major_attention(q[0], kh, vh)
     with pytest.raises(ValueError, match="key_mask"):
         head_major_attention(q, kh, vh, jnp.ones((2, 5), bool))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dense_split_equals_dense_then_slice(dtype, with_bias):
+    """Values and all three gradients of the split K|V projection against dense + slicing."""
+    ks = jax.random.split(jax.random.key(4), 5)
+    x = jax.random.normal(ks[0], (2, 9, 12)).astype(dtype)
+    w = (jax.random.normal(ks[1], (12, 10)) * 0.3).astype(dtype)
+    b = jax.random.normal(ks[2], (10,)).astype(dtype) if with_bias else None
+    ct = [jax.random.normal(ks[3], (2, 9, 4)), jax.random.normal(ks[4], (2, 9, 6))]  # split at 4 of 10
+
+    def loss(fn):
+        return lambda x, w, b: sum(jnp.sum(o.astype(jnp.float32) * c) for o, c in zip(fn(x, w, b), ct, strict=True))
+
+    sliced = lambda x, w, b: (lambda y: (y[..., :4], y[..., 4:]))(dense(x, w, b))
+    split = lambda x, w, b: dense_split(x, w, b, 4)
+    for a, e in zip(split(x, w, b), sliced(x, w, b), strict=True):
+        assert a.dtype == dtype and a.shape == e.shape
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(e, np.float32))
+    argnums = (0, 1, 2) if with_bias else (0, 1)
+    got = jax.jit(jax.grad(loss(split), argnums=argnums))(x, w, b)
+    want = jax.grad(loss(sliced), argnums=argnums)(x, w, b)
+    for name, a, e in zip(("dx", "dw", "db"), got, want, strict=False):
+        assert a.dtype == dtype
+        # bf16: the same 16-bit products and float32 accumulation; only the summation order differs.
+        assert_close(np.asarray(a, np.float32), np.asarray(e, np.float32), 1e-6 if dtype == jnp.float32 else 1e-2, name)
