@@ -95,11 +95,9 @@ def _dense_split_bwd(at, res, g):
     x, kernel, bias = res
     # The outputs are rounded to x.dtype, so their cotangents are exact in it: 16-bit products.
     g = jnp.concatenate([c.astype(x.dtype) for c in g], axis=-1)
-    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    batch_axes = tuple(range(x.ndim - 1))
-    dw = jax.lax.dot_general(x, g, ((batch_axes, batch_axes), ((), ())), preferred_element_type=jnp.float32)
-    db = None if bias is None else jnp.sum(g.astype(jnp.float32), axis=batch_axes).astype(bias.dtype)
-    return dx.astype(x.dtype), dw.astype(kernel.dtype), db
+    dx, dw = _matmul_bwd((x, kernel), g)
+    db = None if bias is None else jnp.sum(g.astype(jnp.float32), axis=tuple(range(x.ndim - 1))).astype(bias.dtype)
+    return dx, dw, db
 
 
 dense_split.defvjp(_dense_split_fwd, _dense_split_bwd)

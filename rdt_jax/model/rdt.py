@@ -22,9 +22,9 @@ from rdt_jax.model.pos_embed import initial_pos_tables
 class CondKV(NamedTuple):
     """Per-block cross-attention keys/values of the conditions.
 
-    Head-major, the layout :func:`~rdt_jax.model.attention.head_major_attention` takes: ``lang_k`` and
-    ``lang_v`` (n_lang_blocks, B, H, L, hd); ``img_k``/``img_v`` the
-    same over the n_img_blocks image blocks and I image tokens. Stacked over blocks for the
+    Head-major, the layout :func:`~rdt_jax.model.attention.head_major_attention` takes: ``lang_k``
+    and ``lang_v`` (n_lang_blocks, B, H, L, hd); ``img_k``/``img_v`` the same over the n_img_blocks
+    image blocks and I image tokens. Stacked over blocks for the
     ``stacked`` layer layout; tuples of per-block arrays for ``per_layer`` (``kv.img_k[i]`` is block
     ``i``'s either way).
     """
@@ -39,7 +39,7 @@ _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # Everything recomputed but the conditions' K/V products: with 4374 image tokens they are most of
-    # a block's forward FLOPs (rdt-1b: 1.03 of ~1.1 TFLOP) for 0.5 GB saved in bf16.
+    # a block's forward FLOPs (rdt-1b batch 1: 1.03 of ~1.2 TFLOP) for 0.5 GB saved in bf16.
     "save_cond_kv": jax.checkpoint_policies.save_only_these_names(COND_KV_NAME),
 }
 
