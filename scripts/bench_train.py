@@ -58,7 +58,13 @@ def run_case(case: str, steps: int, mu_dtype: str, layer_layout: str = "stacked"
     from rdt_jax.training.config import MeshConfig, OptimConfig
     from rdt_jax.training.mesh import make_mesh
     from rdt_jax.training.optimizer import make_optimizer
-    from rdt_jax.training.train_step import init_params, init_state, make_train_step, state_shardings
+    from rdt_jax.training.train_step import (
+        init_params,
+        init_state,
+        make_train_step,
+        state_in_layout,
+        state_shardings,
+    )
 
     name, b, dtype, remat = case.split(":")
     b = int(b)
@@ -77,7 +83,7 @@ def run_case(case: str, steps: int, mu_dtype: str, layer_layout: str = "stacked"
     }
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     fresh = lambda p: init_state(p, tx, 0, ema_enabled=False)
-    params = init_params(rcfg, 0)
+    params = state_in_layout({"params": init_params(rcfg, 0)}, layer_layout)["params"]
     abstract = jax.eval_shape(fresh, params)
     state = jax.jit(fresh, out_shardings=state_shardings(abstract, mesh), donate_argnums=0)(params)
     del params

@@ -24,10 +24,11 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute (bf16 = official mixed precision)
     remat: Literal["none", "full", "save_dots", "save_cond_kv"] = "none"
-    # How the train step runs the blocks (checkpoints store them stacked either way): "stacked" =
-    # lax.scan over layers, compile time flat in depth; "per_layer" = slices the blocks once per step
-    # and runs a Python loop: faster for bf16 compute on CPU (BENCHMARKS.md), at the cost of one more
-    # copy of the block weights and gradients; "auto" = per_layer on CPU, stacked elsewhere.
+    # How the train step runs the blocks (checkpoints store them stacked either way, so a run may
+    # resume in the other layout): "stacked" = lax.scan over layers, compile time flat in depth;
+    # "per_layer" = the train state (params, EMA, Adam moments) holds each block separately and the
+    # step runs a Python loop: faster on CPU (BENCHMARKS.md), compile time grows with depth;
+    # "auto" = per_layer on CPU, stacked elsewhere.
     layer_layout: Literal["auto", "stacked", "per_layer"] = "stacked"
     # A directory written by convert_torch_weights.py (or a previous export); None = random init.
     init_from: str | None = None

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from rdt_jax.model.layer_layout import stack_blocks
+from rdt_jax.runner import resolve_layer_layout
 from rdt_jax.training import checkpoints as ckpt
 from rdt_jax.training.config import TrainConfig
 from rdt_jax.training.data import DataBundle, build_data
@@ -34,6 +36,7 @@ from rdt_jax.training.train_step import (
     make_sample_step,
     make_train_step,
     rdt_config,
+    state_in_layout,
     state_shardings,
     step_batch,
 )
@@ -104,20 +107,25 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
         process_index=jax.process_index(), process_count=nproc)
     train_iter = iter(data.train)
 
-    # ---- state: resumed from the latest committed checkpoint, or fresh
+    # ---- state: resumed from the latest committed checkpoint, or fresh. Checkpoints hold the blocks
+    # stacked; the state holds them as the step runs them (layout).
+    layout = resolve_layer_layout(cfg.model.layer_layout)
     mngr = ckpt.make_manager(out / "checkpoints", cfg.checkpoint)
     fresh = lambda params: init_state(params, tx, cfg.seed, cfg.ema_enabled)
-    abstract = jax.eval_shape(fresh, abstract_params(rcfg))
+    ckpt_abstract = jax.eval_shape(fresh, abstract_params(rcfg))
+    ckpt_shardings = state_shardings(ckpt_abstract, mesh)
+    abstract = state_in_layout(ckpt_abstract, layout)
     shardings = state_shardings(abstract, mesh)
     latest = mngr.latest_step() if cfg.resume else None
     if latest is not None:
-        state, data_state, _ = ckpt.restore(mngr, latest, ckpt.abstract_with_shardings(abstract, shardings))
+        state, data_state, _ = ckpt.restore(mngr, latest, ckpt.abstract_with_shardings(ckpt_abstract, ckpt_shardings))
+        state = state_in_layout(state, layout, shardings)
         if data_state:
             train_iter.set_state(data_state)
         start = int(state["step"])
         msg = f"resumed from {mngr.directory / str(latest)} (step {start})"
     else:
-        params = init_params(rcfg, cfg.seed, cfg.model.init_from)
+        params = state_in_layout({"params": init_params(rcfg, cfg.seed, cfg.model.init_from)}, layout)["params"]
         state = jax.jit(fresh, out_shardings=shardings)(params)
         del params
         start = 0
@@ -137,8 +145,8 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * nproc, *v.shape[1:]), v.dtype) for k, v in host_batch.items()}
     step_fn = make_train_step(rcfg, tx, schedule, cfg.ema, mesh, abstract, shapes, encoder,
                               grad_accum=cfg.grad_accum, ema_enabled=cfg.ema_enabled,
-                              layer_layout=cfg.model.layer_layout)
-    sample_fn = make_sample_step(rcfg, mesh, encoder, cfg.validation.num_inference_steps)
+                              layer_layout=layout)
+    sample_fn = make_sample_step(rcfg, mesh, encoder, cfg.validation.num_inference_steps, layer_layout=layout)
     writer = MetricWriter(out, cfg.log, meta["train_config"], enabled=is_main)
     pbar = None
     if is_main and cfg.log.progress_bar:
@@ -212,7 +220,8 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
                 pbar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", gnorm=f"{m['grad_norm']:.3f}",
                                  step_s=f"{dt:.2f}", samples_s=f"{m['samples_per_s']:.1f}", refresh=False)
             if step % cfg.checkpoint.save_every == 0 or step == cfg.num_steps:
-                ckpt.save(mngr, step, state, train_iter.get_state(), {**meta, "step": step})
+                ckpt.save(mngr, step, state_in_layout(state, "stacked", ckpt_shardings), train_iter.get_state(),
+                          {**meta, "step": step})
             if cfg.validation.every > 0 and (step % cfg.validation.every == 0 or step == cfg.num_steps):
                 last_val = validate(step)
                 val_history.append((step, last_val))
@@ -230,6 +239,8 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     if cfg.export and step == cfg.num_steps:
         params = jax.tree.map(_gather, state["params"])
         ema = jax.tree.map(_gather, state["ema"]) if cfg.ema_enabled else None
+        if layout == "per_layer":
+            params, ema = stack_blocks(params), ema and stack_blocks(ema)
         if is_main:
             exported = ckpt.export_inference(out, rcfg, params, ema, extra_files={
                 "dataset_stat.json": json.dumps(data.stats, indent=2) + "\n"})

@@ -18,8 +18,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rdt_jax.training.mesh import BATCH_AXES
 
 # (regex on the path, logical axes per dimension). Kernels are stored (in, out); stacked blocks
-# carry a leading layer axis.
+# carry a leading layer axis, per-layer blocks (``lang_blocks/<i>/...``) do not.
 PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"_blocks/\d+/.*/kernel$", ("embed", "mlp")),
+    (r"_blocks/\d+/.*/(bias|weight)$", ("norm",)),
     (r"_blocks/.*/kernel$", ("layers", "embed", "mlp")),
     (r"_blocks/.*/(bias|weight)$", ("layers", "norm")),
     (r"pos_embed$", (None, "seq", "embed")),

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from rdt_jax.model.config import PRESETS as MODEL_PRESETS
 from rdt_jax.model.config import EmaConfig, RDTConfig
-from rdt_jax.model.layer_layout import stack_blocks, unstack_blocks
+from rdt_jax.model.layer_layout import is_per_layer, to_layer_layout
 from rdt_jax.model.policy import RDTPolicy
 from rdt_jax.runner import abstract_policy, resolve_layer_layout
 from rdt_jax.training import ema as ema_lib
@@ -143,6 +143,19 @@ def shard_state(state: dict, mesh: Mesh) -> dict:
     return jax.device_put(state, state_shardings(state, mesh))
 
 
+def state_in_layout(state: Any, layer_layout: str, shardings: Any = None) -> Any:
+    """``state`` (or an abstract state) with its blocks as ``layer_layout`` runs them: params, EMA and
+    optimiser moments alike. Checkpoints hold the stacked layout, so any run can resume any other.
+    Concrete states are converted under jit (into ``shardings`` if given) and left unmodified."""
+    per_layer = resolve_layer_layout(layer_layout) == "per_layer"
+    if is_per_layer(state["params"]) == per_layer:
+        return state
+    convert = functools.partial(to_layer_layout, per_layer=per_layer)
+    if isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct):
+        return jax.eval_shape(convert, state)
+    return jax.jit(convert, out_shardings=shardings)(state)
+
+
 # ------------------------------------------------------------------ steps
 def _to_micro(x: jax.Array, k: int) -> jax.Array:
     # (B, ...) -> (k, B/k, ...): micro-batch j holds samples j, k+j, 2k+j, ... so that the (sharded)
@@ -167,13 +180,17 @@ def make_train_step(
     """``step(state, enc_params, batch) -> (state, metrics)``, jitted with explicit shardings; ``state`` is
     donated (its buffers are reused for the new state, so params/moments are never held twice).
 
-    The state always holds the blocks stacked. ``layer_layout`` is how the step runs them:
-    ``stacked`` scans over layers (compile time flat in depth); ``per_layer`` slices the blocks once
-    per step and runs a Python loop, restacking the gradients: one more copy of the block weights,
-    but none of XLA:CPU's per-iteration copies of each layer's weights, gradients and saved
-    activations (``auto`` picks it on CPU).
+    ``layer_layout`` is how the step runs the blocks, and the train state must hold them the same
+    way (:func:`state_in_layout`): ``stacked`` scans over layers (compile time flat in depth);
+    ``per_layer`` runs a Python loop over per-layer parameters, optimiser moments and EMA, with none
+    of XLA:CPU's per-iteration copies of each layer's weights, gradients and saved activations, and
+    no per-step slicing of a stack or restacking of its gradients (``auto`` picks it on CPU).
     """
     per_layer = resolve_layer_layout(layer_layout) == "per_layer"
+    if is_per_layer(abstract_state["params"]) != per_layer:
+        have = "per layer" if is_per_layer(abstract_state["params"]) else "stacked"
+        raise ValueError(f"the train state holds its blocks {have} but the step runs them "
+                         f"{'per layer' if per_layer else 'stacked'}: convert it with state_in_layout")
     graphdef = model_graphdef(rcfg.replace(layer_layout="per_layer" if per_layer else "stacked"))
     num_t = rcfg.noise_scheduler.num_train_timesteps
     k = grad_accum
@@ -193,32 +210,27 @@ def make_train_step(
 
     def step(state, enc_params, batch):
         params = state["params"]
-        # The layout the blocks run in, converted once per step (unstack_blocks pops the leaves it
-        # converts, hence the fresh tree); gradients come back stacked like the state.
-        run_params = unstack_blocks(jax.tree.map(lambda x: x, params)) if per_layer else params
         b, horizon, adim = batch["actions"].shape
         key = jax.random.fold_in(state["rng"], state["step"])
         k_noise, k_t = jax.random.split(key)
         noise = jax.random.normal(k_noise, (b, horizon, adim), jnp.float32)
         t = jax.random.randint(k_t, (b,), 0, num_t)
         if k == 1:
-            loss, grads = grad_fn(run_params, batch, noise, t, enc_params)
+            loss, grads = grad_fn(params, batch, noise, t, enc_params)
         else:
             micro = jax.tree.map(lambda x: _to_micro(x, k), (batch, noise, t))
 
             def body(acc, xs):
                 mb, n, tt = xs
-                loss_i, g = grad_fn(run_params, mb, n, tt, enc_params)
+                loss_i, g = grad_fn(params, mb, n, tt, enc_params)
                 acc_loss, acc_g = acc
                 return (acc_loss + loss_i, jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc_g, g)), None
 
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), run_params)
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
             (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
             # Equal-size micro-batches: the mean of their means is the mean over the whole batch.
             loss = loss / k
-            grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, run_params)
-        if per_layer:
-            grads = stack_blocks(grads)
+            grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
@@ -235,9 +247,11 @@ def make_train_step(
                    donate_argnums=(0,))
 
 
-def make_sample_step(rcfg: RDTConfig, mesh: Mesh, encoder: ImageEncoder | None, num_steps: int | None) -> Callable:
-    """``sample(params, enc_params, batch, noise) -> actions`` (DPM-Solver++, as the official validation)."""
-    graphdef = model_graphdef(rcfg)
+def make_sample_step(rcfg: RDTConfig, mesh: Mesh, encoder: ImageEncoder | None, num_steps: int | None,
+                     layer_layout: str = "stacked") -> Callable:
+    """``sample(params, enc_params, batch, noise) -> actions`` (DPM-Solver++, as the official validation);
+    ``params`` in ``layer_layout``, as the train state holds them."""
+    graphdef = model_graphdef(rcfg.replace(layer_layout=resolve_layer_layout(layer_layout)))
 
     def sample(params, enc_params, batch, noise):
         img = encoder.encode(enc_params, batch["images"]) if encoder is not None else batch["img_tokens"]

@@ -130,6 +130,32 @@ def test_exact_resume_after_clean_stop_and_after_kill_9(runs):
     _assert_same_tree(_ckpt_state(out, N), _ckpt_state(reference, N))
 
 
+def test_per_layer_run_checkpoints_stacked_and_resumes_in_either_layout(runs, tmp_path):
+    """A run whose state holds the blocks per layer (params, EMA and Adam moments) writes stacked
+    checkpoints and a stacked export; a stacked run resumes it and follows the reference run (both
+    layouts compute the same step up to float reduction order)."""
+    reference, _ = runs
+    _run(tmp_path, "--num-steps", SAVE, "--model.layer-layout", "per_layer")
+    leg1 = _ckpt_state(tmp_path, int(SAVE))
+    assert jax.tree.structure(leg1) == jax.tree.structure(_ckpt_state(reference, N))  # stacked, as any run's
+    kernel = leg1["params"]["model"]["lang_blocks"]["attn"]["qkv"]["kernel"]
+    assert kernel.ndim == 3 and kernel.shape[0] == PRESETS["debug"]().model.depth // 2  # lang: every 2nd
+    assert leg1["opt_state"][1][0]["mu"]["model"]["img_blocks"]["ffn"]["fc1"]["kernel"].ndim == 3
+    np.testing.assert_array_equal(rdt_jax.load_pretrained(tmp_path).param_dict()["model"]["lang_blocks"]["attn"]["qkv"]
+                                  ["kernel"], kernel)  # the export at the last step
+
+    _run(tmp_path, "--num-steps", str(2 * int(SAVE)), "--resume", "--model.layer-layout", "stacked")
+    ref = dict(_losses(reference))
+    got = dict(_losses(tmp_path))
+    assert set(got) == set(range(1, 2 * int(SAVE) + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(got)], rtol=2e-5)
+    a, b = _ckpt_state(tmp_path, 2 * int(SAVE)), _ckpt_state(reference, 2 * int(SAVE))
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a["params"]), jax.tree.leaves(b["params"]),
+                            strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = PRESETS["debug"]().replace(output_dir=str(tmp_path), num_steps=8,
                                      checkpoint=CheckpointConfig(save_every=2, max_to_keep=2))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from rdt_jax.model.layer_layout import to_layer_layout
 from rdt_jax.training.config import OptimConfig
 from tests.training import tiny
 
@@ -43,20 +44,26 @@ def test_mesh_step_equals_single_device(setup, reference, mesh_shape, layer_layo
     state, losses = _run(setup, mesh_shape, layer_layout=layer_layout)
     ref_state, ref_losses = reference
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state["params"]),
-                            jax.tree.leaves(ref_state["params"]), strict=True):
+    # The state holds the blocks as the step runs them; compared in the stacked (checkpoint) layout.
+    stacked = lambda p: to_layer_layout(jax.device_get(p), per_layer=False)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(stacked(state["params"])),
+                            jax.tree.leaves(stacked(ref_state["params"])), strict=True):
         # Adam divides by sqrt(v): for the few entries whose gradient is ~0 a reduction-order difference of
         # 1e-9 changes the update by up to ~lr. atol = 1 % of one step's update size (lr 1e-3).
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
-    # really sharded per the rules (fsdp shards the input dim of kernels when it divides it)
-    k = state["params"]["model"]["lang_blocks"]["attn"]["qkv"]["kernel"]
+    # really sharded per the rules (fsdp shards the input dim of kernels when it divides it), per-layer
+    # blocks without the stack's leading layer axis
     fsdp = mesh_shape[1]
-    want = PartitionSpec(None, "fsdp", None) if fsdp > 1 else PartitionSpec(None, None, None)
+    per_layer = layer_layout == "per_layer"
+    block = (lambda tree: tree["model"]["lang_blocks"][0]) if per_layer else (lambda tree: tree["model"]["lang_blocks"])
+    k = block(state["params"])["attn"]["qkv"]["kernel"]
+    want = PartitionSpec(*([] if per_layer else [None]), "fsdp" if fsdp > 1 else None, None)
     assert k.sharding.spec == want
     if fsdp > 1:
-        assert k.addressable_shards[0].data.shape == (1, 32 // fsdp, 96)
-        mu = state["opt_state"][1][0].mu["model"]["lang_blocks"]["attn"]["qkv"]["kernel"]
+        assert k.addressable_shards[0].data.shape == (*(() if per_layer else (1,)), 32 // fsdp, 96)
+        mu = block(state["opt_state"][1][0].mu)["attn"]["qkv"]["kernel"]
         assert mu.sharding.spec == want  # optimiser moments follow the parameters
+        assert block(state["ema"])["attn"]["qkv"]["kernel"].sharding.spec == want
         assert state["ema"]["lang_adaptor"]["layers"][0]["kernel"].sharding.spec == PartitionSpec("fsdp", None)
 
 

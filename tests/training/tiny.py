@@ -8,7 +8,14 @@ import numpy as np
 from rdt_jax.training.config import MeshConfig, ModelConfig, OptimConfig
 from rdt_jax.training.mesh import make_mesh
 from rdt_jax.training.optimizer import make_optimizer
-from rdt_jax.training.train_step import init_params, init_state, make_train_step, rdt_config, state_shardings
+from rdt_jax.training.train_step import (
+    init_params,
+    init_state,
+    make_train_step,
+    rdt_config,
+    state_in_layout,
+    state_shardings,
+)
 
 B, LANG, IMG = 8, 8, 24
 
@@ -53,6 +60,7 @@ def build(rcfg, tx, schedule, mesh_shape: tuple[int, int], *, grad_accum: int = 
     mesh = make_mesh(MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1]),
                      devices if devices is not None else jax.devices()[: mesh_shape[0] * mesh_shape[1]])
     params = initial_params(rcfg) if params is None else params
+    params = state_in_layout({"params": params}, layer_layout)["params"]
     fresh = lambda p: init_state(p, tx, 0, True)
     abstract = jax.eval_shape(fresh, params)
     shardings = state_shardings(abstract, mesh)
