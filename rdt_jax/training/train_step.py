@@ -143,17 +143,21 @@ def shard_state(state: dict, mesh: Mesh) -> dict:
     return jax.device_put(state, state_shardings(state, mesh))
 
 
+# Module-level so that every checkpoint save reuses one compiled conversion per state shape.
+_to_layout = jax.jit(to_layer_layout, static_argnames="per_layer")
+
+
 def state_in_layout(state: Any, layer_layout: str, shardings: Any = None) -> Any:
     """``state`` (or an abstract state) with its blocks as ``layer_layout`` runs them: params, EMA and
     optimiser moments alike. Checkpoints hold the stacked layout, so any run can resume any other.
-    Concrete states are converted under jit (into ``shardings`` if given) and left unmodified."""
+    Concrete states are converted under jit (placed as ``shardings`` if given) and left unmodified."""
     per_layer = resolve_layer_layout(layer_layout) == "per_layer"
     if is_per_layer(state["params"]) == per_layer:
         return state
-    convert = functools.partial(to_layer_layout, per_layer=per_layer)
     if isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct):
-        return jax.eval_shape(convert, state)
-    return jax.jit(convert, out_shardings=shardings)(state)
+        return jax.eval_shape(functools.partial(to_layer_layout, per_layer=per_layer), state)
+    out = _to_layout(state, per_layer=per_layer)
+    return out if shardings is None else jax.device_put(out, shardings)
 
 
 # ------------------------------------------------------------------ steps
