@@ -99,6 +99,8 @@ def main() -> None:
     p.add_argument("--layer-layout", default="auto", choices=["auto", "stacked", "per_layer"],
                    help="block storage of the runner (auto: per_layer on CPU)")
     p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--official", help="bench_official.py results (JSON lines) measured on this machine; "
+                                      "default: the built-in Zen 5 numbers")
     p.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._one:
@@ -130,8 +132,13 @@ def main() -> None:
               f"{'RSS vs off.':>11}")
     print(header)
     print("-" * len(header))
+    official = OFFICIAL_HERE
+    if args.official:
+        from official_baseline import best_official  # scripts/ is sys.path[0] when run as a script
+
+        official = {m: (t, rss) for (m, b), (t, rss, _) in best_official(args.official, "pa").items() if b == 1}
     for r in results:
-        best_s, best_rss = OFFICIAL_HERE.get(r["model"], (float("nan"), float("nan")))
+        best_s, best_rss = official.get(r["model"], (float("nan"), float("nan")))
         print(f"{r['model']:9} {r['precision']:11} {r['layer_layout']:9} {'yes' if r['cached_kv'] else 'no':9} "
               f"{r['compile_s']:9.1f} {r['median_s']:9.2f} {r['min_s']:7.2f} {r['peak_rss_gib']:12.2f} "
               f"{r['gflop']:8.1f} {r['xla_gflop']:8.1f} {r['gflops_per_s']:8.1f} {best_s / r['median_s']:10.2f}x "

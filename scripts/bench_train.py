@@ -121,6 +121,8 @@ def main() -> int:
                     help="how the step runs the blocks (auto: per_layer on CPU)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="append per-case JSON lines here")
+    ap.add_argument("--official", help="bench_official.py results (JSON lines) measured on this machine; "
+                                       "default: the built-in Zen 5 numbers")
     a = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if a.one:
@@ -145,12 +147,17 @@ def main() -> int:
     print("| case (model:batch:compute:remat) | step s (median) | official here s | speed-up | peak RSS GB | "
           "RSS / 16 B-per-param floor | GFLOP/step | util. vs matmul peak | compile s |")
     print("|---|---|---|---|---|---|---|---|---|")
+    official = {(name, b): t for name, t in OFFICIAL_HERE.items() for b in (1, 2)}  # the built-in cases' batches
+    if a.official:
+        from official_baseline import best_official  # scripts/ is sys.path[0] when run as a script
+
+        official = {key: t for key, (t, _, _) in best_official(a.official, "train").items()}
     for r in rows:
         if "failed" in r:
             print(f"| {r['case']} | failed: {r['failed']} | | | | | | | |")
             continue
         name = r["case"].split(":")[0]
-        ref = OFFICIAL_HERE.get(name)
+        ref = official.get((name, r["batch"]))
         sp = f"{ref / r['step_s_median']:.2f}x" if ref else ""
         rss = r["peak_rss_gib"] * 2**30
         floor = FLOOR_BYTES_PER_PARAM * r["params"]
