@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 CASES = ["rdt-170m:2:float32:none", "rdt-170m:2:bfloat16:none", "rdt-1b:1:bfloat16:full", "rdt-1b:1:float32:full"]
 # The official code measured on this machine (BENCHMARKS.md, 2026-12-02): its best step, median s
 # (bf16 autocast for both models).
-OFFICIAL_HERE = {"rdt-170m": 4.256, "rdt-1b": 16.861}
+OFFICIAL_HERE = {("rdt-170m", 2): 4.256, ("rdt-1b", 1): 16.861}  # (model, batch): s
 # rdt-1b memory floor of the issue: fp32 params, grads and both AdamW moments, 4 x 4 bytes per parameter.
 FLOOR_BYTES_PER_PARAM = 16
 
@@ -83,7 +83,7 @@ def run_case(case: str, steps: int, mu_dtype: str, layer_layout: str = "stacked"
     }
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     fresh = lambda p: init_state(p, tx, 0, ema_enabled=False)
-    params = state_in_layout({"params": init_params(rcfg, 0)}, layer_layout)["params"]
+    params = state_in_layout(init_params(rcfg, 0), layer_layout)
     abstract = jax.eval_shape(fresh, params)
     state = jax.jit(fresh, out_shardings=state_shardings(abstract, mesh), donate_argnums=0)(params)
     del params
@@ -147,7 +147,7 @@ def main() -> int:
     print("| case (model:batch:compute:remat) | step s (median) | official here s | speed-up | peak RSS GB | "
           "RSS / 16 B-per-param floor | GFLOP/step | util. vs matmul peak | compile s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    official = {(name, b): t for name, t in OFFICIAL_HERE.items() for b in (1, 2)}  # the built-in cases' batches
+    official = OFFICIAL_HERE
     if a.official:
         from official_baseline import best_official  # scripts/ is sys.path[0] when run as a script
 

@@ -100,18 +100,13 @@ def _is_param_tree(x: Any) -> bool:
     return isinstance(x, dict) and "model" in x and isinstance(x["model"], dict)
 
 
-def map_param_trees(fn: Any, tree: Any) -> Any:
-    """Applies ``fn`` to every parameter dict inside ``tree`` (a train state: the params, the EMA and
-    each optimiser moment are such dicts); everything else is returned as it is."""
-    return jax.tree.map(lambda x: fn(x) if _is_param_tree(x) else x, tree, is_leaf=_is_param_tree)
-
-
 def to_layer_layout(tree: Any, per_layer: bool) -> Any:
-    """Every parameter dict of ``tree`` in the per-layer (``per_layer=True``) or stacked layout.
-    ``tree`` is not modified."""
-    def convert(params: dict) -> dict:
-        if is_per_layer(params) == per_layer:
-            return params
-        return unstack_blocks(jax.tree.map(lambda x: x, params)) if per_layer else stack_blocks(params)
+    """Every parameter dict inside ``tree`` (a parameter dict, or a train state, whose params, EMA and
+    optimiser moments are such dicts) in the per-layer (``per_layer=True``) or stacked layout;
+    everything else as it is. ``tree`` is not modified."""
+    def convert(x: Any) -> Any:
+        if not _is_param_tree(x) or is_per_layer(x) == per_layer:
+            return x
+        return unstack_blocks(jax.tree.map(lambda a: a, x)) if per_layer else stack_blocks(x)
 
-    return map_param_trees(convert, tree)
+    return jax.tree.map(convert, tree, is_leaf=_is_param_tree)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rdt_jax.model.layer_layout import stack_blocks
+from rdt_jax.model.layer_layout import to_layer_layout
 from rdt_jax.runner import resolve_layer_layout
 from rdt_jax.training import checkpoints as ckpt
 from rdt_jax.training.config import TrainConfig
@@ -125,7 +125,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
         start = int(state["step"])
         msg = f"resumed from {mngr.directory / str(latest)} (step {start})"
     else:
-        params = state_in_layout({"params": init_params(rcfg, cfg.seed, cfg.model.init_from)}, layout)["params"]
+        params = state_in_layout(init_params(rcfg, cfg.seed, cfg.model.init_from), layout)
         state = jax.jit(fresh, out_shardings=shardings)(params)
         del params
         start = 0
@@ -239,8 +239,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     if cfg.export and step == cfg.num_steps:
         params = jax.tree.map(_gather, state["params"])
         ema = jax.tree.map(_gather, state["ema"]) if cfg.ema_enabled else None
-        if layout == "per_layer":
-            params, ema = stack_blocks(params), ema and stack_blocks(ema)
+        params, ema = to_layer_layout((params, ema), per_layer=False)  # exports are stacked
         if is_main:
             exported = ckpt.export_inference(out, rcfg, params, ema, extra_files={
                 "dataset_stat.json": json.dumps(data.stats, indent=2) + "\n"})

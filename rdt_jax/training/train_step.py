@@ -148,11 +148,12 @@ _to_layout = jax.jit(to_layer_layout, static_argnames="per_layer")
 
 
 def state_in_layout(state: Any, layer_layout: str, shardings: Any = None) -> Any:
-    """``state`` (or an abstract state) with its blocks as ``layer_layout`` runs them: params, EMA and
-    optimiser moments alike. Checkpoints hold the stacked layout, so any run can resume any other.
-    Concrete states are converted under jit (placed as ``shardings`` if given) and left unmodified."""
+    """``state`` (a train state or a parameter dict, concrete or abstract) with its blocks as
+    ``layer_layout`` runs them: params, EMA and optimiser moments alike. Checkpoints hold the stacked
+    layout, so any run can resume any other. Concrete states are converted under jit (placed as
+    ``shardings`` if given) and left unmodified."""
     per_layer = resolve_layer_layout(layer_layout) == "per_layer"
-    if is_per_layer(state["params"]) == per_layer:
+    if is_per_layer(state.get("params", state)) == per_layer:
         return state
     if isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct):
         return jax.eval_shape(functools.partial(to_layer_layout, per_layer=per_layer), state)

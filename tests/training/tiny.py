@@ -60,7 +60,7 @@ def build(rcfg, tx, schedule, mesh_shape: tuple[int, int], *, grad_accum: int = 
     mesh = make_mesh(MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1]),
                      devices if devices is not None else jax.devices()[: mesh_shape[0] * mesh_shape[1]])
     params = initial_params(rcfg) if params is None else params
-    params = state_in_layout({"params": params}, layer_layout)["params"]
+    params = state_in_layout(params, layer_layout)
     fresh = lambda p: init_state(p, tx, 0, True)
     abstract = jax.eval_shape(fresh, params)
     shardings = state_shardings(abstract, mesh)
