@@ -177,7 +177,8 @@ def test_head_major_attention_gradients_match_the_reference(group_bytes, masked,
 @pytest.mark.parametrize("masked", [False, True])
 def test_sequence_major_attention_matches_the_reference(group_bytes, masked, monkeypatch):
     """The grouped CPU kernel on (B, S, H, hd) keys/values: output and gradients against the reference."""
-    monkeypatch.setattr(attention, "_CPU_GROUP_BYTES", group_bytes)
+    monkeypatch.setattr(attention, "_CPU_SEQUENCE_MAJOR_GROUP_BYTES", group_bytes)
+    monkeypatch.setattr(attention, "_CPU_GROUP_BYTES", 1)  # the head-major budget does not apply here
     q, k, v = _qkv(h=4)
     mask = jnp.asarray(np.array([[True] * 7, [True] * 4 + [False] * 3])) if masked else None
     ct = jax.random.normal(jax.random.key(9), q.shape)
@@ -216,6 +217,7 @@ def test_head_groups_divide_the_heads():
     assert attention.head_group_size(32, attention._CPU_GROUP_BYTES) == 1
     assert attention.head_group_size(12, attention._CPU_GROUP_BYTES // 5) == 4  # largest divisor that fits
     assert attention.head_group_size(7, 2 * attention._CPU_GROUP_BYTES) == 1  # nothing fits: one head at a time
+    assert attention.head_group_size(32, 3, budget=10) == 2  # an explicit budget replaces the default
 
 
 def test_attention_impl_errors():
