@@ -25,7 +25,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-CASES = ["rdt-170m:2:float32:none", "rdt-170m:2:bfloat16:none", "rdt-1b:1:bfloat16:full", "rdt-1b:1:float32:full"]
+CASES = ["rdt-170m:2:float32:none", "rdt-170m:2:bfloat16:none", "rdt-1b:1:bfloat16:full",
+         "rdt-1b:1:bfloat16:save_cond_kv", "rdt-1b:1:float32:full"]
 # The official code measured on this machine (BENCHMARKS.md, 2026-12-02): its best step, median s
 # (bf16 autocast for both models).
 OFFICIAL_HERE = {("rdt-170m", 2): 4.256, ("rdt-1b", 1): 16.861}  # (model, batch): s
