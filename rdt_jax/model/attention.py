@@ -152,14 +152,14 @@ def _take(x: jax.Array, i: jax.Array, g: int, axis: int = 1) -> jax.Array:
 _HEAD_AXIS = {"head_major": 1, "sequence_major": 2}
 
 
-def _as_bits(x: jax.Array) -> jax.Array:
+def as_bits(x: jax.Array) -> jax.Array:
     # XLA:CPU has no 16-bit float dynamic-slice / dynamic-update-slice: it widens the whole operand
     # to float32 (a full pass before the loop, or on every update); on the bit pattern it slices
     # and updates in place.
     return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
 
 
-def _from_bits(x: jax.Array, dtype) -> jax.Array:
+def from_bits(x: jax.Array, dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
@@ -170,8 +170,8 @@ def _kv_group(k: jax.Array, v: jax.Array, i: jax.Array, g: int, layout: str) -> 
     (S, g, hd) -> (g, S, hd) move keeps hd contiguous, where a head-major copy of the whole K and V
     costs XLA:CPU two full passes over each (one to transpose, one to widen to float32).
     """
-    # Sliced as bit patterns (see _as_bits): sliced as bf16, all of K and V became float32 first.
-    kg, vg = (_from_bits(_take(_as_bits(x), i, g, _HEAD_AXIS[layout]), x.dtype) for x in (k, v))
+    # Sliced as bit patterns (see as_bits): sliced as bf16, all of K and V became float32 first.
+    kg, vg = (from_bits(_take(as_bits(x), i, g, _HEAD_AXIS[layout]), x.dtype) for x in (k, v))
     if layout == "sequence_major":
         kg, vg = jnp.swapaxes(kg, 1, 2), jnp.swapaxes(vg, 1, 2)
     return kg, vg
@@ -217,12 +217,12 @@ def _grouped_attention_bwd(g, layout, res, dout):
         if layout == "sequence_major":  # (B, g, S, hd) -> (B, S, g, hd)
             dk, dv = jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)
         put = jax.lax.dynamic_update_slice_in_dim
-        return tuple(put(buf, _as_bits(d.astype(x.dtype)), i * g, axis=ax)
+        return tuple(put(buf, as_bits(d.astype(x.dtype)), i * g, axis=ax)
                      for buf, d, x, ax in zip(bufs, (dq, dk, dv), (qh, k, v), (1, axis, axis), strict=True))
 
-    bufs = tuple(_as_bits(jnp.zeros(x.shape, x.dtype)) for x in (qh, k, v))
+    bufs = tuple(as_bits(jnp.zeros(x.shape, x.dtype)) for x in (qh, k, v))
     grads = jax.lax.fori_loop(0, qh.shape[1] // g, body, bufs)
-    dq, dk, dv = (_from_bits(d, x.dtype) for d, x in zip(grads, (qh, k, v), strict=True))
+    dq, dk, dv = (from_bits(d, x.dtype) for d, x in zip(grads, (qh, k, v), strict=True))
     return dq, dk, dv, None if bias is None else jnp.zeros_like(bias)
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from rdt_jax.model.attention import (
+    as_bits,
     dot_product_attention,
+    from_bits,
     head_major_attention,
     sequence_major_attention,
     to_head_major,
@@ -47,29 +48,23 @@ COND_KV_NAME = "cond_kv"
 
 
 @jax.custom_vjp
-def _named_as_bits(x: jax.Array) -> jax.Array:
-    """The identity, with ``x``'s 16-bit pattern named :data:`COND_KV_NAME`: what a remat policy saves.
+def _name_cond_kv(x: jax.Array) -> jax.Array:
+    """The identity, with ``x`` named :data:`COND_KV_NAME` (what the remat policy saves) as its bit
+    pattern when 16-bit.
 
     The stacked blocks' scan stacks saved values across iterations, and XLA:CPU widens a 16-bit
     float dynamic-update-slice to float32: the saved bf16 K/V of rdt-1b's 14 image blocks took
     1 GB instead of 0.5. As uint16 they are stacked in place. The custom VJP passes the cotangent
     through the (non-differentiable) bit casts unchanged.
     """
-    return _named_as_bits_fwd(x)[0]
+    return _name_cond_kv_fwd(x)[0]
 
 
-def _named_as_bits_fwd(x):
-    bits = checkpoint_name(jax.lax.bitcast_convert_type(x, jnp.uint16), COND_KV_NAME)
-    return jax.lax.bitcast_convert_type(bits, x.dtype), None
+def _name_cond_kv_fwd(x):
+    return from_bits(checkpoint_name(as_bits(x), COND_KV_NAME), x.dtype), None
 
 
-_named_as_bits.defvjp(_named_as_bits_fwd, lambda _, g: (g,))
-
-
-def _name_cond_kv(x: jax.Array) -> jax.Array:
-    if jnp.dtype(x.dtype).itemsize == 2:
-        return _named_as_bits(x)
-    return checkpoint_name(x, COND_KV_NAME)
+_name_cond_kv.defvjp(_name_cond_kv_fwd, lambda _, g: (g,))
 
 
 class CrossAttention(nnx.Module):
