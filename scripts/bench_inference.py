@@ -149,4 +149,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from rdt_jax.huge_pages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # before any XLA work: glibc reads the tunable at start-up
     main()
