@@ -112,8 +112,11 @@ def make_inputs(batch, fdtype, lang_len=32, with_action_gt=False):
     return d
 
 
+from bench_turns import Turns  # noqa: E402  (scripts/, next to this file)
+
 CLK = os.sysconf('SC_CLK_TCK')
 CONTENTION = []  # per timed run: dict(own_cpu_s, others_cpu_s, wall_s)
+TURNS = Turns(False)  # --turns: bench_pair.py decides when each phase runs
 
 
 def _sys_busy_s():
@@ -129,16 +132,18 @@ def _own_cpu_s():
 
 def timed(fn, warmup, runs):
     ws, ts = [], []
-    for _ in range(warmup):
-        t0 = time.perf_counter()
-        fn()
-        ws.append(time.perf_counter() - t0)
+    with TURNS.turn('warmup'):
+        for _ in range(warmup):
+            t0 = time.perf_counter()
+            fn()
+            ws.append(time.perf_counter() - t0)
     for _ in range(runs):
-        b0, c0 = _sys_busy_s(), _own_cpu_s()
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        b1, c1 = _sys_busy_s(), _own_cpu_s()
+        with TURNS.turn('run'):
+            b0, c0 = _sys_busy_s(), _own_cpu_s()
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            b1, c1 = _sys_busy_s(), _own_cpu_s()
         ts.append(dt)
         # CPU seconds burnt on this VM by anything other than this process during the run
         CONTENTION.append(dict(wall_s=round(dt, 3), own_cpu_s=round(c1 - c0, 2),
@@ -229,7 +234,11 @@ def main():
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--out', default='official_results.jsonl')
     p.add_argument('--tag', default='')
+    p.add_argument('--turns', action='store_true',
+                   help='run each phase when bench_pair.py says so (stdin/stdout protocol of bench_turns.py)')
     a = p.parse_args()
+    global TURNS
+    TURNS = Turns(a.turns)
     torch.set_num_threads(a.threads)
 
     import timm

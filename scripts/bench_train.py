@@ -25,6 +25,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from bench_turns import Turns  # scripts/ is sys.path[0] when run as a script
+
 CASES = ["rdt-170m:2:float32:none", "rdt-170m:2:bfloat16:none", "rdt-1b:1:bfloat16:full",
          "rdt-1b:1:bfloat16:save_cond_kv", "rdt-1b:1:float32:full"]
 # The official code measured on this machine (BENCHMARKS.md, 2026-12-02): its best step, median s
@@ -50,7 +52,7 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / min(ts)
 
 
-def run_case(case: str, steps: int, mu_dtype: str, layer_layout: str = "stacked") -> dict:
+def run_case(case: str, steps: int, mu_dtype: str, layer_layout: str = "stacked", turns: Turns | None = None) -> dict:
     import jax
     import numpy as np
 
@@ -97,14 +99,17 @@ def run_case(case: str, steps: int, mu_dtype: str, layer_layout: str = "stacked"
     # Analytic count (MODEL.md §10 convention, forward + backward = 3x forward). XLA's cost
     # analysis counts a scanned loop body once, so it undercounts the stacked blocks.
     flops = train_step_flops(rcfg, 32, b)
+    turns = turns or Turns(False)
     times = []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        state, m = compiled(state, None, dev_batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+    for i in range(steps + 1):
+        with turns.turn("run" if i else "warmup"):
+            t0 = time.perf_counter()
+            state, m = compiled(state, None, dev_batch)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
     med = statistics.median(times[1:])
-    peak = matmul_peak("float32" if dtype == "float32" else "bfloat16")
+    with turns.turn("peak"):
+        peak = matmul_peak("float32" if dtype == "float32" else "bfloat16")
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     return {"case": case, "params": n_params, "batch": b, "compute_dtype": dtype, "remat": remat,
             "mu_dtype": mu_dtype, "layer_layout": layer_layout, "step_s_median": med, "step_times": times,
@@ -121,13 +126,15 @@ def main() -> int:
     ap.add_argument("--layer-layout", default="stacked", choices=["auto", "stacked", "per_layer"],
                     help="how the step runs the blocks (auto: per_layer on CPU)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--turns", action="store_true", help=argparse.SUPPRESS)  # with --one: bench_pair.py
     ap.add_argument("--json", help="append per-case JSON lines here")
     ap.add_argument("--official", help="bench_official.py results (JSON lines) measured on this machine; "
                                        "default: the built-in Zen 5 numbers")
     a = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if a.one:
-        print("RESULT " + json.dumps(run_case(a.case[0], a.steps, a.mu_dtype, a.layer_layout)), flush=True)
+        result = run_case(a.case[0], a.steps, a.mu_dtype, a.layer_layout, Turns(a.turns))
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
     rows = []
     for case in a.case or CASES:
@@ -169,4 +176,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from rdt_jax.huge_pages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # before any XLA work: glibc reads the tunable at start-up
     sys.exit(main())
