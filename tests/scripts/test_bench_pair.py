@@ -10,7 +10,7 @@ import pytest
 
 SCRIPTS = pathlib.Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-from bench_pair import Child, ChildFailed, interleave, pair_table  # noqa: E402
+from bench_pair import Child, ChildFailed, interleave, official_env, pair_table  # noqa: E402
 
 # A stand-in benchmark: sleeps through its setup and each phase, and records when each phase ran.
 FAKE = textwrap.dedent(f"""
@@ -76,3 +76,11 @@ def test_pair_table_reports_adjacent_ratios():
     assert summary["speedup_median"] == 2.0 and summary["speedup_min"] == 1.5 and summary["speedup_max"] == 3.0
     with pytest.raises(ValueError):
         pair_table([1.0], [1.0, 2.0])
+
+
+def test_official_env_has_the_huge_page_tunable_only_when_asked():
+    base = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "HOME": "/h"}
+    assert official_env(base, "/off", False) == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/h",
+                                                 "RDT_OFFICIAL_DIR": "/off"}
+    assert official_env({"HOME": "/h"}, "/off", True)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert "GLIBC_TUNABLES" not in official_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "/off", False)
