@@ -5,7 +5,8 @@ Shared 2-core VMs drift in speed by tens of percent within minutes, so two bench
 the other can disagree by more than the difference they measure. Here both programs are loaded at
 once (``bench_official.py`` in the official code's venv, ``bench_train.py`` in ours), and
 ``bench_turns.py`` hands out turns: both warm up, then their timed steps alternate A B B A A B ...
-with nothing else running, so each pair of steps meets the machine in the same state. The table
+with nothing else running, so each pair of steps meets the machine in the same state (each timed
+step follows an untimed one of the same program: ``--settle``). The table
 lists every pair and the speed-up of each; the summary is their median.
 
     python scripts/bench_pair.py --official-python /path/to/official-venv/bin/python \\
@@ -119,8 +120,11 @@ class Child:
         return self.output
 
 
-def interleave(a: Child, b: Child, runs: int, gap_s: float = 0.0) -> tuple[list[float], list[float], float]:
-    """Warm-ups, then ``runs`` timed turns each, in A B B A order, ``gap_s`` of idle before each.
+def interleave(a: Child, b: Child, runs: int, gap_s: float = 0.0, settle: int = 0
+               ) -> tuple[list[float], list[float], float]:
+    """Warm-ups, then ``runs`` timed turns each, in A B B A order, ``gap_s`` of idle before each;
+    each timed turn comes after ``settle`` untimed ones of the same program (a program's first step
+    after the other's ran slower on the shared VM, so the timed step follows one of its own).
 
     Returns (a's seconds, b's seconds, the most CPU seconds the idle process used during one of the
     other's timed turns). Nothing is given a turn until both have finished setting up (loading,
@@ -135,6 +139,8 @@ def interleave(a: Child, b: Child, runs: int, gap_s: float = 0.0) -> tuple[list[
     idle_cpu = 0.0
     for i in range(runs):
         for c, other in ((a, b), (b, a)) if i % 2 == 0 else ((b, a), (a, b)):
+            for _ in range(settle):
+                c.turn("run")
             time.sleep(gap_s)
             cpu0 = other.cpu_s()
             times[c.name].append(c.turn("run"))
@@ -181,6 +187,8 @@ def main() -> int:
     ap.add_argument("--official-huge-pages", action="store_true",
                     help="give the official program glibc's huge-page tunable too (rdt-jax's scripts set it "
                          "for themselves, rdt_jax/huge_pages.py)")
+    ap.add_argument("--settle", type=int, default=1,
+                    help="untimed steps of the same program before each timed one (0: strict A B alternation)")
     ap.add_argument("--gap", type=float, default=0.0, help="seconds of idle before each timed turn")
     ap.add_argument("--log-dir", default=".", help="where the two programs' stderr logs go")
     ap.add_argument("--json", help="append the result (times, pairs, summary) as one JSON line here")
@@ -196,16 +204,17 @@ def main() -> int:
     log_dir = pathlib.Path(a.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     ours_case = f"rdt-{a.model}:{a.batch}:{a.compute_dtype}:{a.remat}"
+    steps = a.runs * (1 + a.settle)
     official = Child("official", [a.official_python, str(SCRIPTS / "bench_official.py"), "--case", "train",
                                   "--model", a.model, "--dtype", a.official_dtype, "--batch", str(a.batch),
-                                  "--warmup", "1", "--runs", str(a.runs), "--turns", "--out", os.devnull],
+                                  "--warmup", "1", "--runs", str(steps), "--turns", "--out", os.devnull],
                      log_dir / "bench_pair_official.log", env=official_env(dict(os.environ), a.official_dir,
                                                                            a.official_huge_pages))
     ours = Child("rdt-jax", [sys.executable, str(SCRIPTS / "bench_train.py"), "--one", "--turns", "--case", ours_case,
-                             "--steps", str(a.runs), "--layer-layout", a.layer_layout],
+                             "--steps", str(steps), "--layer-layout", a.layer_layout],
                  log_dir / "bench_pair_rdt_jax.log", env={**os.environ, "JAX_PLATFORMS": "cpu"})
     try:
-        t_official, t_ours, idle_cpu = interleave(official, ours, a.runs, a.gap)
+        t_official, t_ours, idle_cpu = interleave(official, ours, a.runs, a.gap, a.settle)
         official_rec = _last_json(official.finish())
         ours_rec = _last_json(ours.finish(), "RESULT ")
     except BaseException:
@@ -216,7 +225,8 @@ def main() -> int:
     tunables = {c.name: c.env.get("GLIBC_TUNABLES", "-") for c in (official, ours)}
     print(f"GLIBC_TUNABLES: official {tunables['official']}, rdt-jax {tunables['rdt-jax']}")
     print(f"official {a.model} train step, {a.official_dtype}, batch {a.batch}  vs  rdt-jax {ours_case} "
-          f"({ours_rec['layer_layout']} layers), alternating A B B A:\n")
+          f"({ours_rec['layer_layout']} layers), alternating A B B A, "
+          f"each timed step after {a.settle} untimed one(s) of the same program:\n")
     print(table)
     print(f"\nspeed-up: median {summary['speedup_median']:.2f}x over {summary['pairs']} adjacent pairs "
           f"(min {summary['speedup_min']:.2f}x, max {summary['speedup_max']:.2f}x); "
@@ -229,7 +239,7 @@ def main() -> int:
     if a.json:
         with open(a.json, "a") as f:
             f.write(json.dumps({"model": a.model, "batch": a.batch, "official_dtype": a.official_dtype,
-                                "ours_case": ours_case, "glibc_tunables": tunables, "gap_s": a.gap,
+                                "ours_case": ours_case, "glibc_tunables": tunables, "gap_s": a.gap, "settle": a.settle,
                                 "idle_cpu_s": idle_cpu, "official_s": t_official, "ours_s": t_ours, **summary,
                                 "official": official_rec, "ours": ours_rec}) + "\n")
     return 0

@@ -59,6 +59,17 @@ def test_turns_alternate_and_never_overlap(tmp_path):
     assert runs == ["a", "b", "b", "a", "a", "b", "b", "a"]
 
 
+def test_settle_turns_precede_each_timed_one(tmp_path):
+    a, rec_a = _child(tmp_path, "a", 0.0, 0.01, 6)
+    b, rec_b = _child(tmp_path, "b", 0.0, 0.01, 6)
+    t_a, t_b, _ = interleave(a, b, 3, settle=1)
+    a.finish(), b.finish()
+    assert len(t_a) == len(t_b) == 3
+    phases = sorted([(s, "a") for n, s, _ in json.loads(rec_a.read_text())[1:] if n == "run"]
+                    + [(s, "b") for n, s, _ in json.loads(rec_b.read_text())[1:] if n == "run"])
+    assert [who for _, who in phases] == list("aabbbbaaaabb")
+
+
 def test_protocol_and_crash_errors_name_the_process(tmp_path):
     a, _ = _child(tmp_path, "a", 0.0, 0.01, 2, skip_warmup=True)
     b, _ = _child(tmp_path, "b", 0.0, 0.01, 2)
