@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,12 +175,10 @@ def test_head_major_attention_gradients_match_the_reference(group_bytes, masked,
         assert float(jnp.abs(got[1][1, :, 4:]).max()) == 0.0 and float(jnp.abs(got[2][1, :, 4:]).max()) == 0.0
 
 
-@pytest.mark.parametrize("group_bytes", [1, 2 * 2 * 5 * 7 * 4, 2**30])
 @pytest.mark.parametrize("masked", [False, True])
-def test_sequence_major_attention_matches_the_reference(group_bytes, masked, monkeypatch):
-    """The grouped CPU kernel on (B, S, H, hd) keys/values: output and gradients against the reference."""
-    monkeypatch.setattr(attention, "_CPU_SEQUENCE_MAJOR_GROUP_BYTES", group_bytes)
-    monkeypatch.setattr(attention, "_CPU_GROUP_BYTES", 1)  # the head-major budget does not apply here
+def test_sequence_major_attention_matches_the_reference(masked):
+    """The one-head-at-a-time CPU kernel on (B, S, H, hd) keys/values: output and gradients against the
+    reference."""
     q, k, v = _qkv(h=4)
     mask = jnp.asarray(np.array([[True] * 7, [True] * 4 + [False] * 3])) if masked else None
     ct = jax.random.normal(jax.random.key(9), q.shape)
@@ -193,6 +193,29 @@ def test_sequence_major_attention_matches_the_reference(group_bytes, masked, mon
     got = _assert_gradients_match(ours, ref, (q, k, v), ("dq", "dk", "dv"))
     if masked:  # masked keys get exactly zero gradient
         assert float(jnp.abs(got[1][1, 4:]).max()) == 0.0 and float(jnp.abs(got[2][1, 4:]).max()) == 0.0
+
+
+def test_sequence_major_bf16_products_stay_bf16():
+    """The kernel's score and value products run as bf16 GEMMs on bf16 inputs, forward and backward
+    (the head-group kernel's two-batch-axis products ran as float32 GEMMs on float32 copies)."""
+    q, k, v = (a.astype(jnp.bfloat16) for a in _qkv(b=2, t=5, s=24, h=4, d=8))
+
+    def loss(q, k, v):
+        return jnp.sum(sequence_major_attention(q, k, v).astype(jnp.float32))
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+    operand_types = _dot_operand_types(hlo)
+    assert len(operand_types) >= 7  # 2 products forward, 5 backward
+    assert all(types == ["bf16", "bf16"] for types in operand_types), operand_types
+
+
+def _dot_operand_types(hlo: str) -> list[list[str]]:
+    """Element types of every dot's two operands in compiled HLO text (instructions and fused
+    computations' parameters both declare ``%name = type[...]`` / ``name: type[...]``)."""
+    types = dict(re.findall(r"%?([\w.\-]+) = (\w+)\[", hlo))
+    types.update(re.findall(r"([\w.\-]+): (\w+)\[", hlo))
+    dots = re.findall(r" dot\(%?([\w.\-]+), %?([\w.\-]+)\)", hlo)
+    return [[types[a], types[b]] for a, b in dots]
 
 
 @pytest.mark.parametrize("form", ["timm_var", "rms"])
