@@ -195,9 +195,10 @@ def test_sequence_major_attention_matches_the_reference(masked):
         assert float(jnp.abs(got[1][1, 4:]).max()) == 0.0 and float(jnp.abs(got[2][1, 4:]).max()) == 0.0
 
 
-def test_sequence_major_bf16_products_stay_bf16():
-    """The kernel's score and value products run as bf16 GEMMs on bf16 inputs, forward and backward
-    (the head-group kernel's two-batch-axis products ran as float32 GEMMs on float32 copies)."""
+def test_bf16_training_attention_products_stay_bf16():
+    """The training kernel runs its score and value products as bf16 GEMMs on bf16 inputs, forward
+    and backward (the earlier head-group kernel on sequence-major K/V ran its two-batch-axis
+    products as float32 GEMMs on float32 copies)."""
     q, k, v = (a.astype(jnp.bfloat16) for a in _qkv(b=2, t=5, s=24, h=4, d=8))
 
     def loss(q, k, v):
@@ -206,6 +207,15 @@ def test_sequence_major_bf16_products_stay_bf16():
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
     operand_types = _dot_operand_types(hlo)
     assert len(operand_types) >= 7  # 2 products forward, 5 backward
+    assert all(types == ["bf16", "bf16"] for types in operand_types), operand_types
+
+
+def test_bf16_sampling_attention_products_stay_bf16():
+    """The same for the cached-K/V kernel that sampling runs (forward only)."""
+    q, k, v = (a.astype(jnp.bfloat16) for a in _qkv(b=2, t=5, s=24, h=4, d=8))
+    hlo = jax.jit(head_major_attention).lower(q, *to_head_major(k, v)).compile().as_text()
+    operand_types = _dot_operand_types(hlo)
+    assert len(operand_types) >= 2
     assert all(types == ["bf16", "bf16"] for types in operand_types), operand_types
 
 
