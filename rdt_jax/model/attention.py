@@ -90,9 +90,12 @@ def head_group_size(n_heads: int, bytes_per_head: int, budget: int | None = None
 
 
 def _logits(q: jax.Array, k: jax.Array, bias: jax.Array | None) -> jax.Array:
-    # q (B, g, T, hd) against the keys as rows (B, g, S, hd), contracted over hd in place: no
-    # (S, hd) -> (hd, S) transpose (strided, slow on CPU).
-    logits = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+    # q (..., T, hd) against the keys as rows (..., S, hd), the leading axes batched (B and a head
+    # group, or B alone), contracted over hd in place: no (S, hd) -> (hd, S) transpose (strided,
+    # slow on CPU).
+    batch = tuple(range(q.ndim - 2))
+    dims = (((q.ndim - 1,), (k.ndim - 1,)), (batch, batch))
+    logits = jax.lax.dot_general(q, k, dims, preferred_element_type=jnp.float32)
     # Scaled in float32: hd ** -0.5 is not exact in bf16.
     logits = logits * (q.shape[-1] ** -0.5)
     return logits if bias is None else logits + bias
@@ -106,7 +109,8 @@ def _product_dtype(*xs: jax.Array):
 
 
 def _attend_group(q, kh, vh, bias):
-    """One head group: q (B, g, T, hd), kh and vh (B, g, S, hd) -> float32 out, logsumexp.
+    """One head group: q (B, g, T, hd), kh and vh (B, g, S, hd) -> float32 out, logsumexp (the
+    group axis may be absent: one head, (B, T, hd) and (B, S, hd)).
 
     As PyTorch's CPU flash attention: products in the inputs' precision with float32 accumulation,
     the scale, softmax sum and normalisation in float32, the unnormalised probabilities rounded to
@@ -249,18 +253,10 @@ def _batched_dot(a: jax.Array, b: jax.Array, contract_a: int, contract_b: int) -
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _head_logits(qn: jax.Array, kn: jax.Array, bias: jax.Array | None) -> jax.Array:
-    # (B, T, hd) x (B, S, hd) contracted over hd in place; scaled in float32 (hd ** -0.5 is not
-    # exact in bf16), as PyTorch's CPU flash attention scales the product.
-    logits = _batched_dot(qn, kn, 2, 2) * (qn.shape[-1] ** -0.5)
-    return logits if bias is None else logits + bias
-
-
 @jax.custom_vjp
 def _per_head_attention(q, k, v, bias):
     """(B, T, H, hd) float32 output of q (B, T, H, hd) attending to k, v (B, S, H, hd), one head at a
-    time; ``bias`` (B, 1, S) or None. Products in the inputs' precision (16-bit stays 16-bit) with
-    float32 accumulation, softmax in float32, as :func:`_attend_group`."""
+    time (each head through :func:`_attend_group`); ``bias`` (B, 1, S) or None."""
     return _per_head_fwd(q, k, v, bias)[0]
 
 
@@ -273,14 +269,9 @@ def _per_head_fwd(q, k, v, bias):
 
     def body(i, carry):
         out, lse = carry
-        qn, kn, vn = (_head(x, i, 2, dt) for x in (qb, kb, vb))
-        logits = _head_logits(qn, kn, bias)
-        peak = jnp.max(logits, axis=-1, keepdims=True)
-        weights = jnp.exp(logits - peak)
-        denom = jnp.sum(weights, axis=-1, keepdims=True)
-        o = _batched_dot(weights.astype(dt), vn, 2, 1) / denom
+        o, lse_i = _attend_group(*(_head(x, i, 2, dt) for x in (qb, kb, vb)), bias)
         out = jax.lax.dynamic_update_slice_in_dim(out, o[:, :, None], i, axis=2)
-        lse = jax.lax.dynamic_update_slice_in_dim(lse, (peak + jnp.log(denom))[:, None, :, 0], i, axis=1)
+        lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_i[:, None, :, 0], i, axis=1)
         return out, lse
 
     init = (jnp.zeros((b, t, h, hd), jnp.float32), jnp.zeros((b, h, t), jnp.float32))
@@ -310,7 +301,7 @@ def _per_head_bwd(res, dout):
         kn, vn = _head(kh, i, 1, dt), _head(vh, i, 1, dt)  # (B, S, hd)
         lse_i = jax.lax.dynamic_slice_in_dim(lse, i, 1, axis=1)[:, 0, :, None]  # (B, T, 1)
         delta_i = jax.lax.dynamic_slice_in_dim(delta, i, 1, axis=2)  # (B, T, 1)
-        probs = jnp.exp(_head_logits(qn, kn, bias) - lse_i)
+        probs = jnp.exp(_logits(qn, kn, bias) - lse_i)
         # dK and dV come out transposed, (B, hd, S): dout^T probs and q^T dlogits are plain
         # products, where probs^T dout contracts the rows of both (XLA:CPU's float32 generic GEMM).
         # Each head's (hd, S) is turned back here, on its bit pattern (kept out of the product),
