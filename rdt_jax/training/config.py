@@ -91,7 +91,10 @@ class OptimConfig:
 
     learning_rate: float = 1e-4
     schedule: Literal["constant", "constant_with_warmup", "cosine"] = "constant"
-    warmup_steps: int = 500  # in optimiser steps (the official code multiplies by grad_accum: same thing)
+    # In optimiser steps, as is the cosine length (k accumulated micro-batches = one batch k x larger). The
+    # official code passes warmup x grad_accum to a scheduler DeepSpeed steps once per optimiser step, which
+    # stretches its warm-up and cosine k-fold under accumulation; set warmup_steps accordingly to match it.
+    warmup_steps: int = 500
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8

@@ -43,7 +43,17 @@ from rdt_jax.training.train_step import (
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/inf; the run stopped without saving the bad state."""
+    """The loss or the gradient norm became NaN/inf; the run stopped without saving the bad state."""
+
+
+def check_finite(metrics: dict[str, float], step: int, last_good: str) -> None:
+    """Raise :class:`NonFiniteLossError` if the step's loss or gradient norm is not finite (a finite loss
+    with a NaN gradient still writes NaN into the parameters)."""
+    if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+        return
+    raise NonFiniteLossError(
+        f"loss is {metrics['loss']} at step {step} (grad norm {metrics['grad_norm']}); stopping without saving. "
+        f"Last good checkpoint: {last_good}. Check the data for NaN/inf or lower the learning rate, then --resume.")
 
 
 def _to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -168,7 +178,8 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
             pred = _gather(sample_fn(state["params"], enc_params, gb, noise))
             host = {k: _gather(_to_global({k: vb[k]}, mesh)[k])
                     for k in ("actions", "state_elem_mask", "state_norm", "data_indices")}
-            batches.append(val.batch_metrics(pred, host["actions"], host["state_elem_mask"], host["state_norm"]))
+            batches.append(val.batch_metrics(pred, host["actions"], host["state_elem_mask"], host["state_norm"],
+                                             processes=nproc))
             indices.append(host["data_indices"])
             first_plot = first_plot or (pred, host)
         metrics = val.aggregate(batches, indices, data.dataset_names)
@@ -203,14 +214,11 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t0
             step += 1
-            if not math.isfinite(m["loss"]):
+            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
                 mngr.wait_until_finished()
                 good = mngr.latest_step()
-                where = f"step {good} in {mngr.directory}" if good is not None else "none (no checkpoint saved yet)"
-                raise NonFiniteLossError(
-                    f"loss is {m['loss']} at step {step} (grad norm {m['grad_norm']}); stopping without saving. "
-                    f"Last good checkpoint: {where}. Check the data for NaN/inf or lower the learning rate, "
-                    "then --resume.")
+                check_finite(m, step, f"step {good} in {mngr.directory}" if good is not None
+                             else "none (no checkpoint saved yet)")
             losses.append(m["loss"])
             m.update(step_time_s=dt, samples_per_s=cfg.batch_size / dt)
             if step % cfg.log.log_every == 0:

@@ -34,16 +34,18 @@ def make_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-    """``optax.clip_by_global_norm`` as one scalar factor per step: g * min(1, max_norm / ||g||).
+    """Global-norm clipping as PyTorch's ``clip_grad_norm_`` (the official accelerate path):
+    g * min(1, max_norm / (||g|| + 1e-6)), one scalar factor per step.
 
-    optax's form (``where(||g|| < max, g, g / ||g|| * max)`` per leaf) made XLA:CPU materialise a
-    clipped copy of every gradient (+3 GB for rdt-1b); a scalar multiply fuses into the Adam update.
+    optax's ``clip_by_global_norm`` has no 1e-6 (a ~1e-6 / ||g|| relative difference), and its form
+    (``where(||g|| < max, g, g / ||g|| * max)`` per leaf) made XLA:CPU materialise a clipped copy of
+    every gradient (+3 GB for rdt-1b); a scalar multiply fuses into the Adam update.
     """
 
     def update(updates, state, params=None):
         del params
         norm = optax.tree.norm(updates)
-        factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
         return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

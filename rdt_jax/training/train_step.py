@@ -239,10 +239,12 @@ def make_train_step(
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        new_ema = ema_lib.ema_update(ema_cfg, state["ema"], new_params, state["step"]) if ema_enabled else {}
+        new_ema = (ema_lib.ema_update_accumulated(ema_cfg, state["ema"], params, new_params, state["step"], k)
+                   if ema_enabled else {})
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state,
                      "ema": new_ema, "rng": state["rng"]}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
+        # As the official log: the learning rate after the scheduler's step, i.e. the next update's.
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"] + 1)}
         return new_state, metrics
 
     st_sh = state_shardings(abstract_state, mesh)

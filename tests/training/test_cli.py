@@ -17,7 +17,7 @@ import pytest
 
 import rdt_jax
 from rdt_jax.training.config import PRESETS, CheckpointConfig
-from rdt_jax.training.loop import NonFiniteLossError, train
+from rdt_jax.training.loop import NonFiniteLossError, check_finite, train
 from tests.training import tiny
 from tests.training.conftest import CACHE_ENV
 
@@ -173,6 +173,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     params = _ckpt_state(tmp_path, 2)["params"]
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
     assert not (tmp_path / "params").exists()  # nothing exported from a failed run
+
+
+def test_finite_loss_with_nan_gradients_also_stops():
+    check_finite({"loss": 0.5, "grad_norm": 1.0}, 3, "step 2")  # a healthy step passes
+    with pytest.raises(NonFiniteLossError, match=r"loss is 0.5 at step 3 \(grad norm nan\).*step 2"):
+        check_finite({"loss": 0.5, "grad_norm": float("nan")}, 3, "step 2")
 
 
 WORKER = r'''

@@ -21,12 +21,16 @@ def setup():
     return tiny.setup(OptimConfig(learning_rate=1e-3, eps=1e-6))
 
 
-def _run(setup, mesh_shape, grad_accum=1, steps=STEPS, layer_layout="stacked"):
+def _run(setup, mesh_shape, grad_accum=1, steps=STEPS, layer_layout="stacked", history=None):
     _, state, step, _ = tiny.build(*setup, mesh_shape, grad_accum=grad_accum, layer_layout=layer_layout)
     losses = []
     for i in range(steps):
+        if history is not None:
+            history.append(jax.device_get(state["params"]))
         state, m = step(state, None, tiny.batch(i))
         losses.append(float(m["loss"]))
+    if history is not None:
+        history.append(jax.device_get(state["params"]))
     return state, losses
 
 
@@ -70,11 +74,21 @@ def test_mesh_step_equals_single_device(setup, reference, mesh_shape, layer_layo
 @pytest.mark.parametrize("layer_layout", ["stacked", "per_layer"])
 def test_grad_accumulation_equals_big_batch(setup, layer_layout):
     """k=2 micro-batches of 4 give the same update as one batch of 8 (same noise, same timesteps)."""
-    a, la = _run(setup, (1, 1), grad_accum=2, steps=2, layer_layout=layer_layout)
+    history = []
+    a, la = _run(setup, (1, 1), grad_accum=2, steps=2, layer_layout=layer_layout, history=history)
     b, lb = _run(setup, (1, 1), grad_accum=1, steps=2, layer_layout=layer_layout)
     np.testing.assert_allclose(la, lb, rtol=2e-5)
     for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)  # see above
+    # The EMA steps on every micro-step, as the official loop's ema.step (TRAINING.md §6): calls n = 0..3 with
+    # decay 0, 0, 1 - 2^-0.75, 1 - 3^-0.75 (default config), calls 0 and 2 before their optimiser step's
+    # update, 1 and 3 after it. So n=1 sets the EMA to p1, n=2 pulls it towards p1 (no change) and n=3 towards
+    # p2. One EMA update per optimiser step would leave p2.
+    _, p1, p2 = ([np.asarray(x, np.float64) for x in jax.tree.leaves(h)] for h in history)
+    d3 = 1 - 3**-0.75
+    for got, x1, x2 in zip(jax.tree.leaves(a["ema"]), p1, p2, strict=True):
+        np.testing.assert_allclose(np.asarray(got), d3 * x1 + (1 - d3) * x2, rtol=1e-5, atol=1e-7)
+    assert any(not np.allclose(x1, x2) for x1, x2 in zip(p1, p2, strict=True))  # the check can fail
 
 
 def test_overfits_a_fixed_batch(setup):

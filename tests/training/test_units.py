@@ -36,6 +36,29 @@ def test_ema_decay_matches_hand_computed_values():
     assert out["w"].dtype == jnp.float32
 
 
+def test_accumulated_ema_equals_the_official_micro_step_sequence():
+    """One optimiser step of k micro-batches = k official ema.step calls, all but the last before the update."""
+    cfg = EmaConfig(update_after_step=1, inv_gamma=2.0, power=0.6, min_value=0.05, max_value=0.9)
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(4) for _ in range(5)]  # the parameters after 0..4 optimiser steps
+    k, ema, n = 3, params[0].copy(), 0
+    for step in range(4):
+        for j in range(k):
+            s = max(0, n - 1 - 1)
+            d = 0.0 if s <= 0 else min(max(1 - (1 + s / 2.0) ** -0.6, 0.05), 0.9)
+            target = params[step + 1] if j == k - 1 else params[step]
+            ema, n = d * ema + (1 - d) * target, n + 1
+    got = {"w": jnp.asarray(params[0], jnp.float32)}
+    for step in range(4):
+        got = ema_lib.ema_update_accumulated(cfg, got, {"w": jnp.asarray(params[step], jnp.float32)},
+                                             {"w": jnp.asarray(params[step + 1], jnp.float32)}, jnp.asarray(step), k)
+    assert got["w"].dtype == jnp.float32
+    np.testing.assert_allclose(got["w"], ema, rtol=1e-5, atol=1e-6)
+    one = ema_lib.ema_update_accumulated(cfg, {"w": jnp.zeros(4)}, {"w": jnp.ones(4)}, {"w": jnp.ones(4)},
+                                         jnp.asarray(5), 1)
+    np.testing.assert_allclose(one["w"], ema_lib.ema_update(cfg, {"w": jnp.zeros(4)}, {"w": jnp.ones(4)}, 5)["w"])
+
+
 def test_clipping_really_clips():
     cfg = OptimConfig(learning_rate=0.1, max_grad_norm=1.0, weight_decay=0.0)
     tx, _ = make_optimizer(cfg, 10)
@@ -57,16 +80,20 @@ def test_clipping_really_clips():
 
 
 @pytest.mark.parametrize("scale", [0.01, 1.0, 7.0])  # below, at about, above the threshold
-def test_scalar_factor_clipping_equals_optax(scale):
+def test_scalar_factor_clipping_equals_torch(scale):
+    torch = pytest.importorskip("torch")  # the [torch] extra, which CI installs
     from rdt_jax.training.optimizer import clip_by_global_norm
 
     rng = np.random.default_rng(0)
     grads = {"a": jnp.asarray(rng.standard_normal(5) * scale, jnp.float32),
              "b": jnp.asarray(rng.standard_normal((3, 2)) * scale, jnp.float32)}
     ours, _ = clip_by_global_norm(2.0).update(grads, None)
-    ref, _ = optax.clip_by_global_norm(2.0).update(grads, optax.EmptyState())
+    ref = {k: torch.nn.Parameter(torch.zeros(g.shape)) for k, g in grads.items()}
+    for k, p in ref.items():
+        p.grad = torch.tensor(np.array(grads[k]))
+    torch.nn.utils.clip_grad_norm_(list(ref.values()), 2.0)  # the official accelerate path's clipping
     for k in grads:
-        np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6)
+        np.testing.assert_allclose(ours[k], ref[k].grad.numpy(), rtol=1e-6)
     assert float(optax.tree.norm(ours)) <= 2.0 + 1e-5
 
 
@@ -109,6 +136,12 @@ def test_official_metrics_by_hand():
     np.testing.assert_allclose(m["sample_l2err"], [1 / 1.001, 2 / 1.001], rtol=1e-6)
     agg = val.aggregate([m, m], [np.array([0, 1]), np.array([0, 1])], ["a", "b"])
     assert agg["overall_avg_sample_mse"] == 2.0 and agg["a_sample_mse"] == 1.0 and agg["b_sample_mse"] == 4.0
+    # Two processes of one sample each: their local ratios 1 and 4 averaged, not the pooled 18 / 9.
+    two = val.batch_metrics(pred, act, mask, norm, processes=2)
+    assert two["mse"] == pytest.approx(2.5)
+    assert two["l2err"] == pytest.approx((1 / 1.001 + 2 / 1.001) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="does not split"):
+        val.batch_metrics(pred, act, mask, norm, processes=3)
 
 
 def _toy_state(mesh):

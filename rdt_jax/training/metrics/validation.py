@@ -8,22 +8,27 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def batch_metrics(pred: np.ndarray, actions: np.ndarray, mask: np.ndarray, state_norm: np.ndarray
-                  ) -> dict[str, np.ndarray | float]:
+def batch_metrics(pred: np.ndarray, actions: np.ndarray, mask: np.ndarray, state_norm: np.ndarray,
+                  *, processes: int = 1) -> dict[str, np.ndarray | float]:
     """pred/actions (B, T, D), mask/state_norm (B, D) -> batch scalars and per-sample values.
 
     mse   = Σ(E·M)/ΣM ;  l2err = Σ(sqrt(E)/(N + 1e-3)·M)/ΣM, with E the squared error and the mask M and the
-    episode RMS N of each slot tiled over the T steps.
+    episode RMS N of each slot tiled over the T steps. As the official code, the scalars are taken over each
+    process's local batch and then averaged over the ``processes`` (the global batch holds them in process
+    order, B / processes samples each): with unequal mask sums this is not the ratio over the whole batch.
     """
+    if pred.shape[0] % processes:
+        raise ValueError(f"a batch of {pred.shape[0]} samples does not split over {processes} processes")
     err = np.square(pred.astype(np.float32) - actions.astype(np.float32))
     m = np.broadcast_to(mask[:, None, :], err.shape).astype(np.float32)
     n = np.broadcast_to(state_norm[:, None, :], err.shape).astype(np.float32)
     rel = np.sqrt(err) / (n + 1e-3) * m
     per_m = m.sum(axis=(1, 2))
+    local = lambda x: x.sum(axis=(1, 2)).reshape(processes, -1).sum(axis=1)  # per-process sums
     with np.errstate(invalid="ignore", divide="ignore"):
         return {
-            "mse": float((err * m).sum() / m.sum()),
-            "l2err": float(rel.sum() / m.sum()),
+            "mse": float(np.mean(local(err * m) / local(m))),
+            "l2err": float(np.mean(local(rel) / local(m))),
             "sample_mse": (err * m).sum(axis=(1, 2)) / per_m,
             "sample_l2err": rel.sum(axis=(1, 2)) / per_m,
         }
