@@ -13,8 +13,11 @@ batched, with a progress bar; files are named ``lang_embed_<i>`` (line order) as
 
 Each instruction gets its unpadded ``(L, 4096)`` embedding (EOS included), written in the
 official ``.pt`` layout and/or our ``.safetensors`` layout (``--formats``; see
-``rdt_jax.encoders.lang_embeddings``). Sequences are padded to a multiple of ``--pad-multiple``
-(masked) so the jitted encoder compiles for few lengths; real-token outputs do not depend on it.
+``rdt_jax.encoders.lang_embeddings``). The ``.pt`` layout is the official script's of the same
+mode: for one instruction ``encode_lang.py``'s dict ``{"name", "instruction", "embeddings":
+(1, L, 4096)}`` (what the deployment loads), for a file ``encode_lang_batch.py``'s bare tensor.
+Sequences are padded to a multiple of ``--pad-multiple`` (masked) so the jitted encoder compiles
+for few lengths; real-token outputs do not depend on it.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ def encode(args: Args) -> list[pathlib.Path]:
     if (args.instruction is None) == (args.instructions_file is None):
         raise ValueError("give exactly one of --instruction and --instructions-file")
     if args.instruction is not None:
+        if not args.name or "/" in args.name or args.name in (".", ".."):
+            raise ValueError(f"--name must be a plain file stem, got {args.name!r}")
         texts, stems = [args.instruction], [args.name]
     else:
         texts = read_instructions(args.instructions_file)
@@ -97,13 +102,18 @@ def encode(args: Args) -> list[pathlib.Path]:
             out = np.asarray(run(encoder, jnp.asarray(ids), jnp.asarray(mask)).astype(jnp.float32))
             for i, text in enumerate(batch):
                 emb = out[i, : int(mask[i].sum())]
-                stem = args.out_dir / stems[start + i]
+                stem = stems[start + i]
+                # Appended, not with_suffix: a stem like "task.v1" keeps its dot.
                 if "pt" in args.formats:
-                    save_lang_embedding_pt(stem.with_suffix(".pt"), emb, bfloat16=args.dtype == "bfloat16")
-                    written.append(stem.with_suffix(".pt"))
+                    path = args.out_dir / f"{stem}.pt"
+                    single = args.instruction is not None
+                    save_lang_embedding_pt(path, emb, bfloat16=args.dtype == "bfloat16",
+                                           instruction=text if single else None, name=stem if single else None)
+                    written.append(path)
                 if "safetensors" in args.formats:
-                    save_lang_embedding_safetensors(stem.with_suffix(".safetensors"), emb, text)
-                    written.append(stem.with_suffix(".safetensors"))
+                    path = args.out_dir / f"{stem}.safetensors"
+                    save_lang_embedding_safetensors(path, emb, text)
+                    written.append(path)
             bar.update(n)
     return written
 

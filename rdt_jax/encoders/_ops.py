@@ -94,6 +94,32 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
 
 
+def _in_float32(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    return lambda x: fn(x.astype(jnp.float32)).astype(x.dtype)
+
+
+# transformers' ``ACT2FN`` names that SigLIP's ``hidden_act`` and T5's ``feed_forward_proj`` may take,
+# each evaluated in float32 and rounded once. ``gelu`` is the exact (erf) GELU; ``gelu_new``,
+# ``gelu_pytorch_tanh`` and ``gelu_fast`` are the same tanh approximation.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": _in_float32(lambda x: jax.nn.gelu(x, approximate=False)),
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+    "quick_gelu": _in_float32(lambda x: x * jax.nn.sigmoid(1.702 * x)),
+    "relu": jax.nn.relu,
+    "silu": _in_float32(jax.nn.silu),
+    "swish": _in_float32(jax.nn.silu),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation named ``name`` (a key of :data:`ACTIVATIONS`); ValueError otherwise."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 def softmax_f32(logits: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Softmax in float32 whatever the compute dtype, cast back for the value matmul."""
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)

@@ -26,6 +26,7 @@ import functools
 import json
 import pathlib
 import re
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -162,8 +163,12 @@ class CheckpointReader:
             else:
                 import torch  # only for .bin checkpoints
 
-                # weights_only: tensors and containers only, never arbitrary pickled objects.
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # weights_only: tensors and containers only, never arbitrary pickled objects. Memory-mapped
+                # when the file is torch's zip format; the legacy (pre-1.6) format cannot be, and is read whole.
+                try:
+                    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+                except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError for a bad file
+                    raise CheckpointMismatchError(f"{path}: not a readable PyTorch state dict ({e})") from e
                 if not isinstance(sd, Mapping):
                     raise CheckpointMismatchError(f"{path}: expected a state dict, got {type(sd).__name__}")
                 self._bin[path] = sd

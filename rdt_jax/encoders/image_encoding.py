@@ -49,12 +49,16 @@ def _is_channels_last(shape: tuple[int, ...], channels: int) -> bool:
 
 
 def encode_images(tower: SiglipVisionTower, images: jax.Array, *, channels_last: bool | None = None) -> jax.Array:
-    """``images`` (B, N, 3, H, W) or (B, N, H, W, 3), normalised -> (B, N·num_patches, hidden).
+    """``images`` (B, N, 3, H, W) or (B, N, H, W, 3), normalised -> (B, N·num_patches, hidden); one
+    sample's (N, 3, H, W) or (N, H, W, 3) -> (N·num_patches, hidden) (RDT: six images -> (4374, 1152)).
 
     The output dtype is the tower's compute dtype (bfloat16 for a bfloat16 tower).
     """
+    if images.ndim == 4:
+        return encode_images(tower, images[None], channels_last=channels_last)[0]
     if images.ndim != 5:
-        raise ValueError(f"images must be (B, N, C, H, W) or (B, N, H, W, C), got shape {images.shape}")
+        raise ValueError(f"images must be (B, N, C, H, W) or (B, N, H, W, C) (or one sample's (N, C, H, W) / "
+                         f"(N, H, W, C)), got shape {images.shape}")
     if channels_last is None:
         channels_last = _is_channels_last(images.shape, tower.cfg.num_channels)
     b, n = images.shape[:2]

@@ -3,10 +3,12 @@
 Two formats, both holding the **unpadded** embedding ``(L, 4096)`` of one instruction
 (``L`` = its token count including EOS):
 
-* **official** ``.pt`` (RDT's ``encode_lang_batch.py`` layout): ``torch.save`` of a bfloat16
-  tensor ``(L, 4096)``. RDT's single-instruction ``encode_lang.py`` instead saves a dict
-  ``{"name", "instruction", "embeddings": (1, L, 4096)}``; :func:`load_lang_embedding` reads
-  both. Loaded with ``torch.load(..., weights_only=True)`` (no pickle code execution).
+* **official** ``.pt``, in either of RDT's two layouts: ``encode_lang_batch.py``'s bare bfloat16
+  tensor ``(L, 4096)``, or single-instruction ``encode_lang.py``'s dict
+  ``{"name", "instruction", "embeddings": (1, L, 4096)}`` (what the deployment script loads, as
+  ``torch.load(p)["embeddings"]``). :func:`save_lang_embedding_pt` writes the dict when given the
+  instruction; :func:`load_lang_embedding` reads both, with ``torch.load(..., weights_only=True)``
+  (no pickle code execution).
 * **ours** ``.safetensors``: key ``embeddings`` ``(L, 4096)`` float32, metadata
   ``{"instruction": <text>}``. float32 (bf16-computed values are stored exactly) because the
   data pipeline (``rdt_jax.data.language.load_embedding``) reads it with
@@ -50,13 +52,26 @@ def save_lang_embedding_safetensors(
     )
 
 
-def save_lang_embedding_pt(path: str | pathlib.Path, emb: np.ndarray, *, bfloat16: bool = True) -> None:
-    """The official layout: a bare ``(L, D)`` tensor (bfloat16 like RDT's files, else float32)."""
+def save_lang_embedding_pt(
+    path: str | pathlib.Path,
+    emb: np.ndarray,
+    *,
+    bfloat16: bool = True,
+    instruction: str | None = None,
+    name: str | None = None,
+) -> None:
+    """An official ``.pt`` (bfloat16 like RDT's files, else float32): with ``instruction``, the
+    single-instruction dict ``{"name", "instruction", "embeddings": (1, L, D)}`` (``name`` defaults to
+    the file stem); without, the batch script's bare ``(L, D)`` tensor."""
     import torch
 
-    arr = np.ascontiguousarray(_check(emb).astype(np.float32))
-    t = torch.from_numpy(arr)
-    torch.save(t.to(torch.bfloat16) if bfloat16 else t, str(path))
+    t = torch.from_numpy(np.ascontiguousarray(_check(emb).astype(np.float32)))
+    t = t.to(torch.bfloat16) if bfloat16 else t
+    if instruction is None:
+        torch.save(t, str(path))
+        return
+    name = pathlib.Path(path).stem if name is None else name
+    torch.save({"name": name, "instruction": instruction, "embeddings": t[None]}, str(path))
 
 
 def load_lang_embedding(path: str | pathlib.Path) -> np.ndarray:

@@ -64,8 +64,9 @@ class SiglipVisionConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by heads {self.num_attention_heads}")
-        if self.hidden_act not in ("gelu_pytorch_tanh", "gelu_new"):
-            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (SigLIP uses gelu_pytorch_tanh)")
+        if self.hidden_act not in _ops.ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (SigLIP uses gelu_pytorch_tanh; "
+                             f"supported: {sorted(_ops.ACTIVATIONS)})")
 
     @property
     def head_dim(self) -> int:
@@ -95,7 +96,10 @@ class SiglipVisionConfig:
                 "SigLIP model; expected 'siglip' or 'siglip_vision_model'"
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in cfg.items() if k in names})
+        except ValueError as e:
+            raise CheckpointMismatchError(f"{source}: {e}") from None
 
 
 # google/siglip-so400m-patch14-384 (published config.json, vision part).
@@ -182,6 +186,7 @@ class SiglipVisionTower(nnx.Module):
         x = x + self.pos_embed[...].astype(dt)
 
         heads, hd, eps = cfg.num_attention_heads, cfg.head_dim, cfg.layer_norm_eps
+        act = _ops.activation(cfg.hidden_act)
 
         def layer(x: jax.Array, lp: dict[str, jax.Array]) -> tuple[jax.Array, None]:
             lp = {k: v.astype(dt) for k, v in lp.items()}
@@ -199,7 +204,7 @@ class SiglipVisionTower(nnx.Module):
                 o = head_major_attention(q, *to_head_major(k, v)).reshape(b, n, heads * hd)
             x = x + _ops.dense(o, lp["o_kernel"], lp["o_bias"])
             y = _ops.layer_norm(x, lp["ln2_scale"], lp["ln2_bias"], eps)
-            y = _ops.gelu_tanh(_ops.dense(y, lp["fc1_kernel"], lp["fc1_bias"]))
+            y = act(_ops.dense(y, lp["fc1_kernel"], lp["fc1_bias"]))
             x = x + _ops.dense(y, lp["fc2_kernel"], lp["fc2_bias"])
             return x, None
 
@@ -251,8 +256,8 @@ def siglip_sources(
 
 def load_siglip(
     hf_dir: str | pathlib.Path,
-    *,
     dtype: jnp.dtype = jnp.float32,
+    *,
     param_dtype: jnp.dtype | None = None,
     layer_layout: _ops.LayerLayout = "per_layer",
     mesh: jax.sharding.Mesh | None = None,

@@ -4,7 +4,9 @@ RDT uses ``google/t5-v1_1-xxl``'s encoder: d_model 4096, 64 heads × 64, gated-G
 (d_ff 10240, tanh GELU), 24 pre-norm blocks, no biases anywhere, no 1/sqrt(d) attention
 scaling, a bidirectional relative position bias (32 buckets, max distance 128) owned by block 0
 and shared by all blocks, T5's RMS layer norm (eps 1e-6, float32 statistics), a final norm.
-Dropout is inactive (inference only).
+Dropout is inactive (inference only). Other ``feed_forward_proj`` values transformers builds are
+supported too: the original T5's non-gated ``act(wi x)`` (``"relu"``, ``"gelu"``, ...) and other
+gated activations (``"gated-silu"``, ...).
 
 The encoder has 4.76 B parameters (19 GB in float32, 9.5 GB in bfloat16). Every parameter
 carries logical axis names (``vocab``, ``embed``, ``heads``, ``mlp``, ``layers``) so
@@ -73,10 +75,22 @@ class T5EncoderConfig:
     feed_forward_proj: str = "gated-gelu"
 
     def __post_init__(self) -> None:
-        if self.feed_forward_proj != "gated-gelu":
+        act = self.feed_forward_proj.split("-")
+        if len(act) > 2 or (len(act) == 2 and act[0] != "gated") or self.dense_act not in _ops.ACTIVATIONS:
             raise ValueError(
-                f"feed_forward_proj {self.feed_forward_proj!r} is not supported: only T5 v1.1's 'gated-gelu'"
+                f"feed_forward_proj {self.feed_forward_proj!r} is not supported: expected 'ACT' or 'gated-ACT' "
+                f"(T5 v1.1: 'gated-gelu') with ACT one of {sorted(_ops.ACTIVATIONS)}"
             )
+
+    @property
+    def is_gated(self) -> bool:
+        """v1.1's gated FFN, act(wi_0 x) * wi_1 x; otherwise the original act(wi x)."""
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def dense_act(self) -> str:
+        # As transformers' T5Config: "gated-gelu" means the tanh GELU (gelu_new), any other "[gated-]ACT" ACT.
+        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
 
     @property
     def inner_dim(self) -> int:
@@ -150,8 +164,11 @@ class _Blocks(nnx.Module):
         self.v = p(d**-0.5, (inner, d), ("heads", "embed"))
         self.o = p(inner**-0.5, (d, inner), ("embed", "heads"))
         self.ff_norm = ones((d,), ("embed",))
-        self.wi_0 = p(d**-0.5, (f, d), ("mlp", "embed"))
-        self.wi_1 = p(d**-0.5, (f, d), ("mlp", "embed"))
+        if cfg.is_gated:
+            self.wi_0 = p(d**-0.5, (f, d), ("mlp", "embed"))
+            self.wi_1 = p(d**-0.5, (f, d), ("mlp", "embed"))
+        else:
+            self.wi = p(d**-0.5, (f, d), ("mlp", "embed"))
         self.wo = p(f**-0.5, (d, f), ("embed", "mlp"))
 
 
@@ -191,6 +208,12 @@ class T5Encoder(nnx.Module):
         """
         cfg, dt = self.cfg, self.dtype
         b, length = input_ids.shape
+        if not isinstance(input_ids, jax.core.Tracer):
+            # Outside jit, an out-of-range id is an error (as in PyTorch); under jit, jnp.take would fill NaN.
+            ids = np.asarray(input_ids)
+            if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+                raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}); got values in "
+                                 f"[{ids.min()}, {ids.max()}]")
         h, dk, eps = cfg.num_heads, cfg.d_kv, cfg.layer_norm_epsilon
         # The residual stream is carried feature-major, x (d_model, B, L), so that every dense
         # layer is ``W @ x`` with the torch-layout weight on the left (``_ops.dense_t``): 1.5-2x
@@ -207,6 +230,8 @@ class T5Encoder(nnx.Module):
             neg = jnp.asarray(jnp.finfo(dt).min, dt)
             bias = bias + jnp.where(attention_mask[:, None, None, :].astype(bool), jnp.asarray(0, dt), neg)
 
+        act = _ops.activation(cfg.dense_act)
+
         def block(x: jax.Array, lp: dict[str, jax.Array]) -> tuple[jax.Array, None]:
             y = _ops.rms_norm(x, lp["attn_norm"], eps, axis=0).astype(dt)
             w = {k: v.astype(dt) for k, v in lp.items()}
@@ -219,7 +244,10 @@ class T5Encoder(nnx.Module):
             o = jnp.einsum("bhqk,hdbk->hdbq", probs, v, preferred_element_type=jnp.float32)
             x = x + _ops.dense_t(w["o"], o.astype(dt).reshape(h * dk, b, length))
             y = _ops.rms_norm(x, lp["ff_norm"], eps, axis=0).astype(dt)
-            y = _ops.gelu_tanh(_ops.dense_t(w["wi_0"], y)) * _ops.dense_t(w["wi_1"], y)
+            if cfg.is_gated:
+                y = act(_ops.dense_t(w["wi_0"], y)) * _ops.dense_t(w["wi_1"], y)
+            else:
+                y = act(_ops.dense_t(w["wi"], y))
             x = x + _ops.dense_t(w["wo"], y)
             return x, None
 
@@ -251,8 +279,10 @@ def t5_sources(cfg: T5EncoderConfig, layer_layout: _ops.LayerLayout = "per_layer
         torch_linear_source(("blocks", "v"), blk("layer.0.SelfAttention.v.weight"), d, inner),
         torch_linear_source(("blocks", "o"), blk("layer.0.SelfAttention.o.weight"), inner, d),
         vector_source(("blocks", "ff_norm"), blk("layer.1.layer_norm.weight"), d),
-        torch_linear_source(("blocks", "wi_0"), blk("layer.1.DenseReluDense.wi_0.weight"), d, f),
-        torch_linear_source(("blocks", "wi_1"), blk("layer.1.DenseReluDense.wi_1.weight"), d, f),
+        *(
+            [torch_linear_source(("blocks", name), blk(f"layer.1.DenseReluDense.{name}.weight"), d, f)
+             for name in (("wi_0", "wi_1") if cfg.is_gated else ("wi",))]
+        ),
         torch_linear_source(("blocks", "wo"), blk("layer.1.DenseReluDense.wo.weight"), f, d),
     ]
     return per_layer_sources(src) if layer_layout == "per_layer" else src
@@ -260,8 +290,8 @@ def t5_sources(cfg: T5EncoderConfig, layer_layout: _ops.LayerLayout = "per_layer
 
 def load_t5(
     hf_dir: str | pathlib.Path,
-    *,
     dtype: jnp.dtype = jnp.float32,
+    *,
     param_dtype: jnp.dtype | None = None,
     layer_layout: _ops.LayerLayout = "per_layer",
     mesh: jax.sharding.Mesh | None = None,

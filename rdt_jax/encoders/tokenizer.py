@@ -39,6 +39,9 @@ def tokenize(
     enc = tokenizer(
         list(texts),
         padding="longest",
+        # RDT right-pads (its collator pads with id 0 after the tokens); a tokenizer_config.json that sets
+        # padding_side "left" must not move the real tokens to the end.
+        padding_side="right",
         truncation=False,
         add_special_tokens=True,
         pad_to_multiple_of=pad_to_multiple_of,

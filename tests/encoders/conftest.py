@@ -55,10 +55,10 @@ def hf_factory(tmp_path_factory):
                 )
                 model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=dict(cfg)))
             elif kind == "t5_encoder":
-                model = transformers.T5EncoderModel(transformers.T5Config(feed_forward_proj="gated-gelu", **cfg))
+                model = transformers.T5EncoderModel(transformers.T5Config(**{"feed_forward_proj": "gated-gelu", **cfg}))
             elif kind == "t5_full":
                 model = transformers.T5ForConditionalGeneration(
-                    transformers.T5Config(feed_forward_proj="gated-gelu", tie_word_embeddings=False, **cfg)
+                    transformers.T5Config(**{"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False, **cfg})
                 )
             else:
                 raise ValueError(kind)

@@ -88,7 +88,8 @@ def test_config_disagreeing_with_weights(t5_dir):
     [
         (dict(model_type="bert", architectures=["BertModel"]), "model_type 'bert'.*not a T5 model"),
         (dict(architectures=["MT5ForConditionalGeneration"]), "not a T5 model"),
-        (dict(feed_forward_proj="relu"), "feed_forward_proj 'relu' is not supported"),
+        (dict(feed_forward_proj="gated-tanhshrink"), "feed_forward_proj 'gated-tanhshrink' is not supported"),
+        (dict(feed_forward_proj="double-gated-gelu"), "feed_forward_proj 'double-gated-gelu' is not supported"),
     ],
 )
 def test_wrong_architecture_t5(t5_dir, edit, match):
@@ -110,3 +111,18 @@ def test_no_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip_vision_model"}))
     with pytest.raises(FileNotFoundError, match=re.escape("no model.safetensors")):
         load_siglip(tmp_path)
+
+
+def test_unsupported_siglip_activation_names_the_config(siglip_dir):
+    cfg = json.loads((siglip_dir / "config.json").read_text())
+    cfg["hidden_act"] = "tanhshrink"
+    (siglip_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointMismatchError, match=re.escape("config.json: unsupported hidden_act 'tanhshrink'")):
+        load_siglip(siglip_dir)
+
+
+def test_unreadable_bin_names_the_file(t5_dir):
+    (t5_dir / "model.safetensors").unlink()
+    (t5_dir / "pytorch_model.bin").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointMismatchError, match=r"pytorch_model\.bin: not a readable PyTorch state dict"):
+        load_t5(t5_dir)

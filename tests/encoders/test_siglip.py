@@ -38,6 +38,11 @@ CONFIGS = {
         image_size=40,
         patch_size=14,
     ),
+    # Other activations transformers' SiglipVisionConfig accepts: exact GELU, quick GELU.
+    "exact_gelu": dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=14, patch_size=7, hidden_act="gelu"),
+    "quick_gelu": dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
+                       image_size=21, patch_size=7, hidden_act="quick_gelu"),
 }
 
 
@@ -125,6 +130,10 @@ def test_image_encoding_six_images(hf_factory, errs):
     # The un-jitted function agrees too (one image's tokens land in its own slot).
     one = np.asarray(encode_images(tower, jnp.asarray(imgs[:1])))
     np.testing.assert_allclose(one[0, 16:32], ref[0, 16:32], rtol=0, atol=1e-5 * np.abs(ref).max())
+    # One sample's six images, unbatched: (6, C, H, W) -> (6·P, D), jitted or not.
+    single = np.asarray(enc(imgs[1]))
+    assert single.shape == (96, 32) and rel_err(single, ref[1]) <= 1e-5
+    assert np.asarray(encode_images(tower, jnp.asarray(imgs[1]))).shape == (96, 32)
 
 
 def test_wrong_image_size_is_an_error(hf_factory):

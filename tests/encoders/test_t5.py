@@ -27,6 +27,11 @@ CONFIGS = {
         relative_attention_num_buckets=10,
         relative_attention_max_distance=20,
     ),
+    # Other feed-forwards transformers' T5 builds: the original (v1.0) non-gated ReLU, gated SiLU, exact GELU.
+    "v1_0_relu": dict(vocab_size=40, d_model=16, d_ff=40, d_kv=4, num_heads=4, num_layers=2, feed_forward_proj="relu"),
+    "gated_silu": dict(vocab_size=40, d_model=16, d_ff=24, d_kv=8, num_heads=2, num_layers=2,
+                       feed_forward_proj="gated-silu"),
+    "gelu": dict(vocab_size=40, d_model=16, d_ff=20, d_kv=4, num_heads=4, num_layers=1, feed_forward_proj="gelu"),
 }
 
 
@@ -128,8 +133,24 @@ def test_full_t5_checkpoint_and_bin_format(hf_factory, errs, tmp_path):
     bin_dir.mkdir()
     (bin_dir / "config.json").write_text((path / "config.json").read_text())
     torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, bin_dir / "pytorch_model.bin")
-    enc = load_t5(bin_dir, dtype=jnp.bfloat16)
+    enc = load_t5(bin_dir, jnp.bfloat16)  # dtype may be given positionally: load_t5(hf_dir, dtype)
+    assert enc.dtype == jnp.bfloat16 and enc.embed[...].dtype == jnp.bfloat16
     assert rel_err(_forward(enc, ids, mask), ref) <= 2e-2
+
+    # The legacy (pre-PyTorch-1.6, non-zip) .bin format cannot be memory-mapped; it is read whole.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((path / "config.json").read_text())
+    torch.save(model.state_dict(), legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert rel_err(_forward(load_t5(legacy), ids, mask), ref) <= 1e-5
+
+
+def test_out_of_range_token_ids_are_an_error(hf_factory):
+    cfg = CONFIGS["base"]
+    _, path = hf_factory("t5_encoder", **cfg)
+    enc = load_t5(path)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 64\); got values in \[1, 64\]"):
+        enc(jnp.asarray([[1, 64]], jnp.int32))
 
 
 def test_sharded_safetensors_index(hf_factory, errs, tmp_path):

@@ -78,6 +78,10 @@ def test_tokenizer_official_settings(tok_dir):
     assert ids[2, :1].tolist() == [1]  # the empty instruction is just EOS
     ids16, mask16 = tokenize(tok, texts, pad_to_multiple_of=16)
     assert ids16.shape[1] % 16 == 0 and (ids16[:, : ids.shape[1]] == ids).all() and mask16.sum() == mask.sum()
+    # RDT right-pads whatever side the tokenizer's own config prefers.
+    tok.padding_side = "left"
+    left_ids, left_mask = tokenize(tok, texts)
+    assert (left_ids == ids).all() and (left_mask == mask).all()
 
 
 def test_tokenizer_rejects_too_long(tok_dir):
@@ -99,6 +103,12 @@ def test_lang_embedding_formats(tmp_path):
     # RDT's single-instruction layout: a dict with (1, L, D) embeddings.
     torch.save({"name": "x", "instruction": "y", "embeddings": torch.from_numpy(emb)[None]}, tmp_path / "b.pt")
     np.testing.assert_array_equal(load_lang_embedding(tmp_path / "b.pt"), emb)
+    save_lang_embedding_pt(tmp_path / "c.pt", emb, instruction="open the drawer")
+    d = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert set(d) == {"name", "instruction", "embeddings"} and d["name"] == "c"
+    assert d["instruction"] == "open the drawer"
+    assert d["embeddings"].dtype == torch.bfloat16 and d["embeddings"].shape == (1, 7, 32)
+    assert (load_lang_embedding(tmp_path / "c.pt") == bf).all()
 
 
 def test_lang_files_readable_by_data_pipeline(tmp_path):
@@ -152,6 +162,8 @@ def test_encode_lang_script(tok_dir, hf_factory, tmp_path, errs):
         pt = load_lang_embedding(out_dir / f"lang_embed_{i}.pt")
         assert st.shape == pt.shape == (n, 16)
         assert rel_err(st, ref[i, :n]) <= 1e-5 and rel_err(pt, ref[i, :n]) <= 1e-5
+        # encode_lang_batch.py's layout: the bare (L, D) tensor
+        assert isinstance(torch.load(out_dir / f"lang_embed_{i}.pt", weights_only=True), torch.Tensor)
     assert not (out_dir / "lang_embed_5.pt").exists()
 
     # Single instruction, bfloat16 (RDT's setting).
@@ -164,13 +176,18 @@ def test_encode_lang_script(tok_dir, hf_factory, tmp_path, errs):
             "--instruction",
             CORPUS[1],
             "--name",
-            "drawer",
+            "drawer.v1",
             "--out-dir",
             str(out_dir),
         ]
     )
-    bf = load_lang_embedding(out_dir / "drawer.pt").astype(np.float32)
     n = int(mask[1].sum())
+    # The official encode_lang.py layout, as the deployment script reads it: torch.load(p)["embeddings"].
+    official = torch.load(out_dir / "drawer.v1.pt", weights_only=True)
+    assert official["name"] == "drawer.v1" and official["instruction"] == CORPUS[1]
+    assert official["embeddings"].dtype == torch.bfloat16 and official["embeddings"].shape == (1, n, 16)
+    assert (out_dir / "drawer.v1.safetensors").exists() and not (out_dir / "drawer.pt").exists()
+    bf = load_lang_embedding(out_dir / "drawer.v1.pt").astype(np.float32)
     assert bf.shape == (n, 16) and rel_err(bf, ref[1, :n]) <= 2e-2
     enc = load_t5(t5_dir)
     direct = np.asarray(jax.jit(lambda e, i: e(i))(enc, jnp.asarray(ids[1:2, :n])))[0]
