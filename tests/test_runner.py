@@ -61,6 +61,8 @@ def test_cached_condition_sampling_equals_uncached(cases, converted_small):
     a = r.predict_action(*[x[k] for k in PA], noise=noise, cache_cond_kv=True, num_steps=7)
     b = r.predict_action(*[x[k] for k in PA], noise=noise, cache_cond_kv=False, num_steps=7)
     assert_close(a, b, 1e-6, "tiny cached vs uncached")
+    with pytest.raises(ValueError, match="num_inference_steps must be >= 1, got 0"):
+        r.predict_action(*[x[k] for k in PA], noise=noise, num_steps=0)  # not silently the default
 
 
 def test_second_golden_fixture_horizon_64(shared_dir):

@@ -46,7 +46,7 @@ def denoiser_flops(cfg: RDTConfig, lang_len: int, *, include_cond_kv: bool = Tru
 
 def predict_action_flops(cfg: RDTConfig, lang_len: int, num_steps: int | None = None, *,
                          cached: bool = True, batch: int = 1) -> FlopCount:
-    steps = num_steps or cfg.noise_scheduler.num_inference_timesteps
+    steps = cfg.noise_scheduler.num_inference_timesteps if num_steps is None else num_steps
     kv, rest = denoiser_flops(cfg, lang_len)
     s_in = 2 * cfg.state_token_dim
     return FlopCount(

@@ -121,7 +121,8 @@ class RDTPolicy(nnx.Module):
         self._check_common(lang_attn_mask, state_tokens, action_mask, ctrl_freqs, lang_tokens)
         b = lang_tokens.shape[0]
         _check("noise", noise, (b, cfg.pred_horizon, cfg.action_dim))
-        plan = dpm_solver_plan(self.alphas_cumprod, num_steps or cfg.noise_scheduler.num_inference_timesteps)
+        steps = cfg.noise_scheduler.num_inference_timesteps if num_steps is None else num_steps
+        plan = dpm_solver_plan(self.alphas_cumprod, steps)
 
         lang_c, img_c = self.adapt_conditions(lang_tokens, img_tokens)
         state_traj = self.adapt_state_action(state_tokens, action_mask)
