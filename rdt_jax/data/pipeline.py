@@ -6,10 +6,12 @@ p of P then takes indices i ≡ p (mod P) (disjoint streams, no coordination) an
 The iterator is a grain `DatasetIterator`: `get_state()`/`set_state()` give a small dict
 (the next index) that can go into an Orbax checkpoint.
 
-Mixing: `"random"` draws the dataset of each sample independently with probability ∝ weight,
-as the official pipeline does (`MapDataset.select_from_datasets` with a seeded selection
-map); `"interleave"` uses grain's deterministic `MapDataset.mix` (exact proportions over
-every window of sum(weights) samples).
+Mixing: `"random"` draws the dataset of each sample independently with probability ∝ weight
+(`MapDataset.select_from_datasets` with a seeded selection map); `"interleave"` uses grain's
+deterministic `MapDataset.mix` (exact proportions over every window of sum(weights) samples).
+Either way the weights are shares of samples. The official pretraining weights are shares of
+episode visits instead (each visit yields all of an episode's steps, up to 2048):
+:func:`per_episode_weights` turns them into sample shares.
 """
 
 from __future__ import annotations
@@ -43,6 +45,22 @@ def load_weights(path: str | os.PathLike, names: Sequence[str] | None = None) ->
             raise KeyError(f"{path}: no weight for datasets {missing}")
         w = {n: w[n] for n in names}
     return {k: float(v) for k, v in w.items()}
+
+
+def per_episode_weights(sources: Mapping[str, StepSource], weights: Mapping[str, float]) -> dict[str, float]:
+    """Sample-share weights equivalent to the official per-episode-visit weights (DATA.md §5.2).
+
+    The official loop picks a dataset by weight and yields every step of its next episode (min(T, 2048)
+    of them; none when the episode is too short), so a dataset's share of samples is ∝ weight × the
+    steps one visit yields on average (``source.steps_per_visit``).
+    """
+    out = {}
+    for name, w in weights.items():
+        per_visit = getattr(sources[name], "steps_per_visit", None)
+        if per_visit is None:
+            raise TypeError(f"source {name!r} ({type(sources[name]).__name__}) has no steps_per_visit")
+        out[name] = float(w) * float(per_visit)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

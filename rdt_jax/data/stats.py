@@ -74,13 +74,25 @@ def compute_dataset_stats(dataset_name: str, episode_states: Iterable[np.ndarray
     return acc.result(dataset_name)
 
 
-def load_stats(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+def load_stats(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Every entry of a ``dataset_stat.json``; those of ``names`` (default: all) are checked to hold the
+    four 128-lists and must exist. The official file has stale 89-long entries (``bridge``,
+    ``nyu_franka_play_dataset_converted_externally_to_rlds``) of datasets it does not train on, so
+    callers check the datasets they use."""
     with open(path) as f:
         stats = json.load(f)
-    for name, entry in stats.items():
+    if not isinstance(stats, dict):
+        raise ValueError(f"{path}: expected a JSON object {{dataset_name: statistics}}")
+    names = list(stats) if names is None else list(names)
+    missing = [n for n in names if n not in stats]
+    if missing:
+        raise KeyError(f"{path}: no statistics for datasets {missing}")
+    for name in names:
         for k in ("state_mean", "state_std", "state_min", "state_max"):
-            if len(entry.get(k, ())) != STATE_DIM:
-                raise ValueError(f"{path}: {name}.{k} must be a list of {STATE_DIM} numbers")
+            v = stats[name].get(k, ())
+            if not isinstance(v, list) or len(v) != STATE_DIM:
+                n = len(v) if isinstance(v, list) else type(v).__name__
+                raise ValueError(f"{path}: {name}.{k} must be a list of {STATE_DIM} numbers, got {n}")
     return stats
 
 
@@ -91,7 +103,8 @@ def state_means(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]
 def write_stats(path: str | os.PathLike, new: Mapping[str, Mapping[str, Any]], *, skip_exist: bool = False
                 ) -> dict[str, Any]:
     """Merge `new` into the JSON at `path` (created if absent); `skip_exist` keeps old entries."""
-    merged: dict[str, Any] = load_stats(path) if os.path.exists(path) else {}
+    # Other datasets' entries are kept as they are (checked only when used).
+    merged: dict[str, Any] = load_stats(path, names=()) if os.path.exists(path) else {}
     for k, v in new.items():
         if not (skip_exist and k in merged):
             merged[k] = dict(v)

@@ -68,6 +68,15 @@ class DataConfig:
     robot: str = "aloha_agilex"
     rlds_dirs: tuple[str, ...] = ()
     weights_file: str | None = None  # {dataset: weight} JSON (pretrain_sample_weights.json)
+    # "per_episode": the weights are shares of episode visits, as the official pretraining (DATA.md §5.2);
+    # "per_sample": shares of samples.
+    weights_per: Literal["per_episode", "per_sample"] = "per_episode"
+    # pretrain_datasets.json / finetune_datasets.json: a dataset's id (data_indices) is its position there,
+    # as officially; without it, the order of rlds_dirs.
+    datasets_file: str | None = None
+    # Pre-encoded instructions (an EmbeddingStore: scripts/encode_lang.py --store-dir), for samples whose
+    # instruction is text (every RLDS sample; HDF5 instruction files that hold text rather than paths).
+    lang_embed_dir: str | None = None
     stats_file: str | None = None  # dataset_stat.json; computed from the data when None (hdf5/demo)
     image_aug: bool = True
     cond_mask_prob: float = 0.1
@@ -237,6 +246,7 @@ def _pretrain() -> TrainConfig:
         model=ModelConfig(preset="rdt-1b", remat="full"),
         data=DataConfig(kind="rlds", image_aug=False, state_noise_snr=None,
                         weights_file="../shared/reference/data/pretrain_sample_weights.json",
+                        datasets_file="../shared/reference/data/pretrain_datasets.json",
                         stats_file="../shared/reference/data/dataset_stat.json"),
         mesh=MeshConfig(data=-1, fsdp=8),
         checkpoint=CheckpointConfig(save_every=1000, max_to_keep=40),

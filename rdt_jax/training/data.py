@@ -21,7 +21,7 @@ import numpy as np
 
 from rdt_jax.data import language, stats
 from rdt_jax.data.hdf5_source import HDF5Source
-from rdt_jax.data.pipeline import PipelineConfig, build_pipeline, load_weights
+from rdt_jax.data.pipeline import PipelineConfig, build_pipeline, load_weights, per_episode_weights
 from rdt_jax.data.robot_config import RobotConfig, load_robot_config
 from rdt_jax.data.schema import BatchConfig
 from rdt_jax.data.transform import SampleTransform, TransformConfig
@@ -112,6 +112,19 @@ class DataBundle:
     robot: dict[str, Any] | None  # robot config (hdf5/demo), saved with checkpoints
 
 
+def _dataset_list(path: str | None, used: list[str]) -> list[str]:
+    """Dataset names by id: the official list file (ids = positions, DATA.md §4.5) or the sources' order."""
+    if path is None:
+        return used
+    names = json.loads(pathlib.Path(path).read_text())
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: expected a JSON list of dataset names")
+    missing = [n for n in used if n not in names]
+    if missing:
+        raise KeyError(f"{path}: datasets {missing} are not listed (it lists {len(names)})")
+    return names
+
+
 def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_sample_batch: int, image_size: int,
                horizon: int, seed: int, process_index: int = 0, process_count: int = 1) -> DataBundle:
     robot = None
@@ -138,7 +151,7 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
                 val_dir, robot, index_cache=pathlib.Path(output_dir) / "episode_index_heldout.json")}
         weights = {robot.dataset_name: 1.0}
         if cfg.stats_file:
-            all_stats = stats.load_stats(cfg.stats_file)
+            all_stats = stats.load_stats(cfg.stats_file, names=[robot.dataset_name])
         else:
             all_stats = {robot.dataset_name: stats.compute_dataset_stats(robot.dataset_name, src.episode_states())}
     elif cfg.kind == "rlds":
@@ -146,27 +159,33 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
 
         if not cfg.rlds_dirs:
             raise ValueError("data.kind=rlds needs --data.rlds-dirs (converted RLDS dataset directories)")
+        if cfg.lang_embed_dir is None:
+            raise ValueError("data.kind=rlds needs --data.lang-embed-dir: RLDS instructions are text, encoded "
+                             "beforehand (scripts/encode_lang.py --rlds-dirs ... --store-dir DIR)")
         srcs = [RldsSource(d, horizon=horizon) for d in cfg.rlds_dirs]
         sources = {s.dataset_name: s for s in srcs}
         weights = (load_weights(cfg.weights_file, list(sources)) if cfg.weights_file
                    else dict.fromkeys(sources, 1.0))
+        if cfg.weights_per == "per_episode":
+            weights = per_episode_weights(sources, weights)
         if cfg.stats_file is None:
             raise ValueError("data.kind=rlds needs --data.stats-file (dataset_stat.json; scripts/compute_stats.py)")
-        all_stats = stats.load_stats(cfg.stats_file)
+        all_stats = stats.load_stats(cfg.stats_file, names=list(sources))
     else:
         raise ValueError(f"unknown data kind {cfg.kind!r}")
-    names = list(sources)
-    missing = [n for n in names if n not in all_stats]
+    missing = [n for n in sources if n not in all_stats]
     if missing:
         raise KeyError(f"{cfg.stats_file}: no statistics for datasets {missing}")
-    used_stats = {n: all_stats[n] for n in names}
-    ids = {n: i for i, n in enumerate(names)}
+    used_stats = {n: all_stats[n] for n in sources}
+    names = _dataset_list(cfg.datasets_file, list(sources))
+    ids = {n: names.index(n) for n in sources}
     means = stats.state_means(used_stats)
+    store = language.EmbeddingStore(cfg.lang_embed_dir) if cfg.lang_embed_dir else None
 
     def pipeline(batch: int, tcfg: TransformConfig, pseed: int, sources=sources):
         bcfg = BatchConfig(batch_size=batch, image_size=image_size, max_lang_len=cfg.max_lang_len, horizon=horizon,
                            image_dtype="uint8")
-        transform = SampleTransform(tcfg, bcfg, dataset_ids=ids, dataset_state_mean=means)
+        transform = SampleTransform(tcfg, bcfg, dataset_ids=ids, dataset_state_mean=means, embedding_store=store)
         pcfg = PipelineConfig(seed=pseed, num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
         return build_pipeline(sources, weights, transform, bcfg, pcfg, process_index=process_index,
                               process_count=process_count)

@@ -11,7 +11,7 @@ from hdf5_episodes import make_qpos, write_episode, write_instructions
 
 from rdt_jax.data import language
 from rdt_jax.data.hdf5_source import HDF5Source
-from rdt_jax.data.pipeline import PipelineConfig, build_pipeline, load_weights
+from rdt_jax.data.pipeline import PipelineConfig, build_pipeline, load_weights, per_episode_weights
 from rdt_jax.data.schema import BatchConfig, RawSample, batch_spec, check_against_spec
 from rdt_jax.data.transform import SampleTransform, TransformConfig
 
@@ -157,3 +157,26 @@ def test_hdf5_end_to_end(tmp_path, small_robot):
     assert b["lang_attn_mask"][1].tolist() == [True, True, True, False]
     assert (b["ctrl_freqs"] == 25).all()
     assert dataclasses.asdict(cfg)["seed"] == 1
+
+
+def test_per_episode_weights_follow_the_official_visit_loop():
+    """Official loop (DATA.md §5.2): pick a dataset by weight, yield min(T, 2048) steps of its next episode
+    (nothing if T < 32). Simulated over whole cycles of each dataset's episodes, the sample shares equal the
+    per-episode weights normalised."""
+    episodes = {"a": [40, 40, 5], "b": [400, 3000, 10, 20]}  # b: one long visit capped at 2048, two dropped
+    per_visit = {n: np.mean([min(t, 2048) if t >= 32 else 0 for t in ts]) for n, ts in episodes.items()}
+
+    class Visits:
+        def __init__(self, name):
+            self.dataset_name, self.steps_per_visit = name, per_visit[name]
+
+    weights = {"a": 3.0, "b": 1.0}
+    got = per_episode_weights({n: Visits(n) for n in episodes}, weights)
+    # The official loop's expected steps per pick of each dataset, weight x mean yield per visit.
+    steps = {n: weights[n] * sum(min(t, 2048) if t >= 32 else 0 for t in ts) / len(ts) for n, ts in episodes.items()}
+    total = sum(steps.values())
+    for n in episodes:
+        assert got[n] / sum(got.values()) == pytest.approx(steps[n] / total)
+    assert got["b"] / sum(got.values()) == pytest.approx(1 * 612 / (3 * 80 / 3 + 1 * 612))
+    with pytest.raises(TypeError, match="steps_per_visit"):
+        per_episode_weights({"a": FakeSource("a", 0, "x")}, {"a": 1.0})

@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from hdf5_episodes import make_qpos, write_episode, write_instructions
 
+from rdt_jax.data import stats
 from rdt_jax.data.stats import compute_dataset_stats
 
 SLOTS = [50, 51, 52, 53, 54, 55, 60, 0, 1, 2, 3, 4, 5, 10]
@@ -73,3 +75,22 @@ def test_compute_stats_cli(tmp_path):
     np.testing.assert_allclose(stats["agilex"]["state_mean"], want["mean"], rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(stats["agilex"]["state_std"], want["std"], rtol=1e-8, atol=1e-14)
     assert stats["agilex"]["state_std"][52] == 0.0  # column 2 → slot 52, all zeros
+
+
+def test_official_stats_file_with_stale_entries(shared_dir, tmp_path):
+    """The shipped dataset_stat.json has 89-long entries for two datasets it never trains on: loading it for
+    the datasets in use works, asking for a stale one names it, and merging new entries keeps the rest."""
+    official = shared_dir / "reference" / "data" / "dataset_stat.json"
+    got = stats.load_stats(official, names=["agilex", "fractal20220817_data"])
+    assert len(got["agilex"]["state_mean"]) == 128
+    with pytest.raises(ValueError, match=r"bridge\.state_mean must be a list of 128 numbers, got 89"):
+        stats.load_stats(official, names=["bridge"])
+    with pytest.raises(KeyError, match="no statistics for datasets"):
+        stats.load_stats(official, names=["not_a_dataset"])
+    copy = tmp_path / "dataset_stat.json"
+    copy.write_bytes(official.read_bytes())
+    new = {"my_robot": {"dataset_name": "my_robot", **{k: [0.0] * 128 for k in
+                                                        ("state_mean", "state_std", "state_min", "state_max")}}}
+    merged = stats.write_stats(copy, new)
+    assert "my_robot" in merged and len(merged["bridge"]["state_mean"]) == 89
+    assert stats.load_stats(copy, names=["my_robot"])["my_robot"]["state_max"] == [0.0] * 128

@@ -192,3 +192,31 @@ def test_encode_lang_script(tok_dir, hf_factory, tmp_path, errs):
     enc = load_t5(t5_dir)
     direct = np.asarray(jax.jit(lambda e, i: e(i))(enc, jnp.asarray(ids[1:2, :n])))[0]
     assert rel_err(direct, ref[1, :n]) <= 1e-5
+
+
+def test_encode_lang_into_an_embedding_store(tok_dir, hf_factory, tmp_path, errs):
+    """--store-dir: the embeddings training reads by instruction text (rdt_jax.data.language.EmbeddingStore),
+    full 4096 width (a one-layer T5 with d_model 4096 and tiny heads / FFN)."""
+    from rdt_jax.data.language import EmbeddingStore
+
+    rel_err, _ = errs
+    tok = load_t5_tokenizer(tok_dir)
+    model, t5_dir = hf_factory("t5_encoder", vocab_size=len(tok), d_model=4096, d_ff=8, d_kv=4, num_heads=2,
+                               num_layers=1)
+    spec = importlib.util.spec_from_file_location("encode_lang", REPO / "scripts" / "encode_lang.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["encode_lang"] = mod
+    spec.loader.exec_module(mod)
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps(CORPUS[:3]))
+    mod.main(["--t5-dir", str(t5_dir), "--tokenizer-dir", str(tok_dir), "--instructions-file", str(tasks),
+              "--store-dir", str(tmp_path / "store"), "--dtype", "float32"])
+    ids, mask = tokenize(tok, CORPUS[:3])
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
+    store = EmbeddingStore(tmp_path / "store")
+    for i, text in enumerate(CORPUS[:3]):
+        n = int(mask[i].sum())
+        got = store.get(text)
+        assert got.shape == (n, 4096) and rel_err(got, ref.last_hidden_state.numpy()[i, :n]) <= 1e-5
+    assert not (tmp_path / "lang_embed_0.pt").exists()  # no --out-dir: only the store

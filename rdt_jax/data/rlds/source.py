@@ -193,10 +193,6 @@ class RldsSource:
         if not np.all(np.isfinite(states)):
             bad = [SLOT_NAMES[i] for i in np.flatnonzero(~np.all(np.isfinite(states), axis=0))]
             raise ValueError(f"{self.dataset_name}:{raw.where}: NaN/inf in unified state slots {bad}")
-        ins = self.spec.instruction
-        first = None if ins.kind == "constant" else raw.steps.get(ins.key)
-        if ins.kind != "constant" and first is None:
-            raise KeyError(f"{self.dataset_name}:{raw.where}: instruction feature {ins.key!r} missing")
         s64 = states.astype(np.float64)
         data = EpisodeData(
             raw,
@@ -205,13 +201,35 @@ class RldsSource:
             s64.std(axis=0).astype(np.float32),
             s64.mean(axis=0).astype(np.float32),
             np.sqrt((s64**2).mean(axis=0)).astype(np.float32),
-            ins.resolve(None if first is None else first[0]),
+            self._instruction(raw),
         )
         with self._lock:
             self._cache[record] = data
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return data
+
+    def _instruction(self, raw) -> str:
+        ins = self.spec.instruction
+        first = None if ins.kind == "constant" else raw.steps.get(ins.key)
+        if ins.kind != "constant" and first is None:
+            raise KeyError(f"{self.dataset_name}:{raw.where}: instruction feature {ins.key!r} missing")
+        return ins.resolve(None if first is None else first[0])
+
+    def instructions(self) -> list[str]:
+        """The distinct instructions of the used episodes, in first-seen order (one pass over the records,
+        no image decoding): what ``scripts/encode_lang.py --rlds-dirs`` pre-encodes."""
+        seen: dict[str, None] = {}
+        for record in self.index.records:
+            seen.setdefault(self._instruction(self.store.read(int(record))), None)
+        return list(seen)
+
+    @property
+    def steps_per_visit(self) -> float:
+        """Mean steps one official episode visit yields (§5.2: min(T, 2048) of a kept episode, nothing for
+        one dropped as too short), over the episodes the dataset filter passes."""
+        visits = int(self.index.kept.sum()) + self.index.dropped_short
+        return self.index.num_entries / visits
 
     def locate(self, index: int, rng: np.random.Generator) -> tuple[int, int]:
         """(record, step) of flat entry `index` (taken modulo the number of entries)."""

@@ -1,0 +1,92 @@
+"""Converted RLDS datasets as training consumes them (rdt_jax.training.data.build_data, kind=rlds): language from
+an embedding store, dataset ids = positions in pretrain_datasets.json, per-episode-visit mixture weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from rdt_jax.data.language import EmbeddingStore
+from rdt_jax.data.rlds.source import RldsSource
+from rdt_jax.training.config import DataConfig
+from rdt_jax.training.data import build_data
+
+from .conftest import LONG
+
+USED = ("taco_play", "fractal20220817_data")  # not in pretrain_datasets.json order (fractal is 0, taco 2)
+
+
+def test_instructions_and_steps_per_visit(tiny_datasets):
+    for name in USED:
+        src = RldsSource(tiny_datasets[name].dir)
+        assert src.instructions() == [tiny_datasets[name].expected_instruction]
+        # One kept episode of LONG steps and one too short (a visit that yields nothing): LONG / 2 per visit.
+        # A filtered episode is never visited.
+        assert src.steps_per_visit == pytest.approx(LONG / 2)
+
+
+@pytest.fixture
+def rlds_config(tiny_datasets, shared_dir, tmp_path):
+    store = EmbeddingStore(tmp_path / "lang")
+    rng = np.random.default_rng(0)
+    stored = {}
+    for name in USED:
+        text = tiny_datasets[name].expected_instruction
+        stored[text] = rng.standard_normal((3 + len(stored), 4096)).astype(np.float32)
+        store.put(text, stored[text])
+    ref = shared_dir / "reference" / "data"
+    cfg = DataConfig(kind="rlds", rlds_dirs=tuple(str(tiny_datasets[n].dir) for n in USED),
+                     stats_file=str(ref / "dataset_stat.json"), datasets_file=str(ref / "pretrain_datasets.json"),
+                     lang_embed_dir=str(store.directory), cond_mask_prob=0.0, image_aug=False, state_noise_snr=None,
+                     num_threads=1, prefetch=4)
+    return cfg, stored, json.loads((ref / "pretrain_datasets.json").read_text())
+
+
+def _build(cfg, tmp_path):
+    return build_data(cfg, output_dir=str(tmp_path / "run"), local_batch=4, local_sample_batch=0, image_size=16,
+                      horizon=64, seed=0)
+
+
+def test_rlds_batches_carry_stored_language_and_official_ids(rlds_config, tiny_datasets, tmp_path):
+    cfg, stored, official = rlds_config
+    bundle = _build(cfg, tmp_path)
+    assert bundle.dataset_names == official
+    batch = next(iter(bundle.train))
+    ids = {official.index(n): n for n in USED}
+    assert set(batch["data_indices"].tolist()) <= set(ids)
+    for i, d in enumerate(batch["data_indices"].tolist()):
+        want = stored[tiny_datasets[ids[d]].expected_instruction]
+        n = len(want)
+        assert batch["lang_attn_mask"][i].sum() == n
+        np.testing.assert_array_equal(batch["lang_embeds"][i, :n], want)
+
+
+def test_rlds_without_an_embedding_store_is_a_clear_error(rlds_config, tmp_path):
+    cfg, _, _ = rlds_config
+    with pytest.raises(ValueError, match=r"needs --data\.lang-embed-dir"):
+        _build(dataclasses.replace(cfg, lang_embed_dir=None), tmp_path)
+
+
+def test_datasets_file_must_list_every_dataset(rlds_config, tmp_path):
+    cfg, _, _ = rlds_config
+    listing = tmp_path / "datasets.json"
+    listing.write_text(json.dumps(["taco_play"]))
+    with pytest.raises(KeyError, match="fractal20220817_data"):
+        _build(dataclasses.replace(cfg, datasets_file=str(listing)), tmp_path)
+
+
+def test_encode_lang_lists_the_rlds_instructions(tiny_datasets):
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[3] / "scripts" / "encode_lang.py"
+    spec = importlib.util.spec_from_file_location("encode_lang", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["encode_lang"] = mod
+    spec.loader.exec_module(mod)
+    dirs = tuple(tiny_datasets[n].dir for n in USED)
+    assert mod.rlds_instructions(dirs) == list(dict.fromkeys(tiny_datasets[n].expected_instruction for n in USED))
