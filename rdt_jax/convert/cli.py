@@ -13,6 +13,7 @@ import tyro
 from rdt_jax.convert.params import params_from_torch, torch_state_from_params
 from rdt_jax.convert.pretrained_dir import (
     CONFIG_FILE,
+    PARAMS_DIR,
     atomic_output_dir,
     read_config,
     read_params,
@@ -76,6 +77,9 @@ def jax_to_torch(src: pathlib.Path, out: pathlib.Path, dtype: str | None = None)
 
     cfg = read_config(src)
     abstract = nnx.to_pure_dict(nnx.state(abstract_policy(cfg), nnx.Param))
+    if not (src / PARAMS_DIR).is_dir():
+        raise FileNotFoundError(f"{src}: no {PARAMS_DIR}/ checkpoint directory (--to-torch reads a converted "
+                                "or trained rdt-jax directory, not the official one)")
     if dtype is None:
         import orbax.checkpoint as ocp
 

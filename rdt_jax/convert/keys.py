@@ -59,8 +59,11 @@ def _block(cfg: RDTConfig, i: int) -> Iterator[KeySpec]:
 
 
 def _adaptor(name: str, spec: str, din: int, dout: int) -> Iterator[KeySpec]:
+    if spec == "linear":  # the official build_condition_adapter returns a bare nn.Linear: no index
+        yield from _linear(name, (name, "layers", 0), din, dout)
+        return
     for j in range(adaptor_depth(spec)):
-        # nn.Sequential puts Linear layers at even indices (GELUs at odd ones).
+        # nn.Sequential puts Linear layers at even indices (GELUs at odd ones); "mlp1x_gelu" is a Sequential too.
         yield from _linear(f"{name}.{2 * j}", (name, "layers", j), din if j == 0 else dout, dout)
 
 

@@ -140,7 +140,10 @@ class TorchReader:
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise WeightFileError(f"{path}: cannot load torch file ({e})") from e
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            except Exception as e2:  # truncated or not a torch file at all
+                raise WeightFileError(f"{path}: cannot load torch file ({type(e2).__name__}: {e2})") from e2
             self._mapped = False
         except Exception as e:
             raise WeightFileError(f"{path}: cannot load torch file ({type(e).__name__}: {e})") from e

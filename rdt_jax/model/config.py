@@ -134,7 +134,9 @@ class RDTConfig:
     # ---- official schema ----
     @classmethod
     def from_official(cls, cfg: Mapping[str, Any], **overrides: Any) -> RDTConfig:
-        """Build from the official flat ``config.json`` dict (rdt-1b / rdt-170m / training yaml model section)."""
+        """Build from the official ``config.json`` dict of a release (rdt-1b / rdt-170m: flat sizes with nested
+        ``rdt``, ``noise_scheduler`` and ``ema`` blocks). The training yaml's ``model`` section lacks the sizes
+        (``action_dim``, ``pred_horizon``, ...) that the training script adds from the rest of the yaml."""
         try:
             rdt = cfg["rdt"]
             kwargs: dict[str, Any] = dict(

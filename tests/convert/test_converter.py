@@ -85,6 +85,25 @@ def test_truncated_file(tmp_path, small_dir, capsys, name):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("content", [b"garbage", b"\x80\x02}q\x00"])  # not a torch file; a cut-off legacy pickle
+def test_unreadable_bin_is_a_clear_error(tmp_path, small_dir, capsys, content):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(small_dir / "config.json", src / "config.json")
+    (src / "pytorch_model.bin").write_bytes(content)
+    assert _convert(src, tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert f"{src / 'pytorch_model.bin'}: cannot load torch file" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_to_torch_needs_an_rdt_jax_directory(tmp_path, small_dir, capsys):
+    """The official directory given to --to-torch by mistake: a clear message, with or without --dtype."""
+    for extra in ((), ("--dtype", "float32")):
+        assert _convert(small_dir, tmp_path / "out", "--to-torch", *extra) == 1
+        assert "no params/ checkpoint directory" in capsys.readouterr().err
+
+
 def test_output_must_be_empty(tmp_path, small_dir, capsys):
     out = tmp_path / "out"
     out.mkdir()

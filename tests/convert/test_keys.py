@@ -62,3 +62,25 @@ def test_odd_depth_and_other_sizes(depth):
     assert tree[("model", "lang_blocks", "norm1", "weight")] == ((depth + 1) // 2, 96)
     assert (("model", "img_blocks", "norm1", "weight") in tree) == (depth > 1)
     assert tree[("model", "final_layer", "ffn_final", "fc2", "kernel")] == (96, 10)
+
+
+@pytest.mark.parametrize("spec", ["linear", "mlp1x_gelu", "mlp3x_gelu"])
+def test_adaptor_keys_are_the_official_modules(spec):
+    """build_condition_adapter: "linear" is a bare nn.Linear (keys without an index), "mlp{k}x_gelu" an
+    nn.Sequential of Linear / GELU (Linear layers at even indices), "mlp1x_gelu" included."""
+    torch = pytest.importorskip("torch")
+    din, dout = 40, 96
+    if spec == "linear":
+        module = torch.nn.Linear(din, dout)
+    else:
+        k = int(spec[3 : spec.index("x")])
+        layers = [torch.nn.Linear(din, dout)]
+        for _ in range(k - 1):
+            layers += [torch.nn.GELU(approximate="tanh"), torch.nn.Linear(dout, dout)]
+        module = torch.nn.Sequential(*layers)
+    cfg = RDTConfig(hidden_size=dout, depth=1, num_heads=3, lang_token_dim=din, img_token_dim=24, state_token_dim=10,
+                    action_dim=10, pred_horizon=7, max_lang_cond_len=9, img_cond_len=12, lang_adaptor=spec,
+                    lang_pos_embed_config=(("lang", -9),), img_pos_embed_config=(("image", (2, 2, -3)),))
+    ours = {s.torch_key: s.torch_shape for s in key_specs(cfg) if s.torch_key.startswith("lang_adaptor.")}
+    want = {f"lang_adaptor.{k}": tuple(v.shape) for k, v in module.state_dict().items()}
+    assert ours == want
