@@ -59,7 +59,8 @@ def print_summary(summary: dict) -> None:
     if pngs:
         print(f"[rdt-jax]   validation plots {out / 'validation'} (latest: {pngs[-1].name})")
     if summary["exported"]:
-        print(f"[rdt-jax]   inference model  {out}  (rdt_jax.load_pretrained('{out}'); EMA in {out / 'ema'})")
+        ema = f"; EMA in {out / 'ema'}" if (out / "ema").is_dir() else ""
+        print(f"[rdt-jax]   inference model  {out}  (rdt_jax.load_pretrained('{out}'){ema})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,13 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own variable wins
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-    from rdt_jax.training.loop import NonFiniteLossError, train
+    from rdt_jax.training.loop import NonFiniteLossError, RunSetupError, train
 
     try:
         summary = train(cfg)
     except NonFiniteLossError as e:
         print(f"[rdt-jax] ERROR: {e}", file=sys.stderr, flush=True)
         return 3
+    except RunSetupError as e:
+        print(f"[rdt-jax] ERROR: {e}", file=sys.stderr, flush=True)
+        return 2
     if jax.process_index() == 0:
         print_summary(summary)
     return 0

@@ -78,6 +78,12 @@ def restore(mngr: ocp.CheckpointManager, step: int | None, abstract_state: Any) 
     return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
 
 
+def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """The run metadata saved with ``step`` (model config, dataset statistics, train config), nothing else."""
+    out = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"] or {})
+
+
 def export_inference(output_dir: str | os.PathLike, rcfg: RDTConfig, params: Any, ema: Any | None,
                      extra_files: dict[str, str] | None = None) -> pathlib.Path:
     """Writes ``config.json`` + ``params/`` into ``output_dir`` (``rdt_jax.load_pretrained(output_dir)``
@@ -98,9 +104,9 @@ def export_inference(output_dir: str | os.PathLike, rcfg: RDTConfig, params: Any
             shutil.rmtree(dst)
         os.replace(tmp / name, dst)
     shutil.rmtree(tmp, ignore_errors=True)
+    ema_dir = out / "ema"
+    shutil.rmtree(ema_dir, ignore_errors=True)  # an older run's EMA must not outlive it
     if ema:
-        ema_dir = out / "ema"
-        shutil.rmtree(ema_dir, ignore_errors=True)
         write_pretrained_dir(ema_dir, rcfg, jax.tree.map(lambda e, p: e.astype(p.dtype),
                                                           jax.device_get(ema), params))
     for name, text in (extra_files or {}).items():

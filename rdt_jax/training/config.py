@@ -104,6 +104,9 @@ class OptimConfig:
     # official code passes warmup x grad_accum to a scheduler DeepSpeed steps once per optimiser step, which
     # stretches its warm-up and cosine k-fold under accumulation; set warmup_steps accordingly to match it.
     warmup_steps: int = 500
+    # Length of the cosine schedule; None = the run's num_steps. Fix it to stop a run early (--num-steps k)
+    # and resume it to the end on the same schedule.
+    decay_steps: int | None = None
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -127,10 +130,16 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    save_every: int = 1000
+    save_every: int = 1000  # and at the last step
     max_to_keep: int | None = 3
     keep_period: int | None = None  # also keep every step that is a multiple of this
     async_save: bool = True
+
+    def __post_init__(self) -> None:
+        if self.save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {self.save_every} (the last step is always saved)")
+        if self.max_to_keep is not None and self.max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {self.max_to_keep}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +150,10 @@ class LogConfig:
     wandb_project: str = "rdt-jax"
     progress_bar: bool = True
     log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layer_layout import to_layer_layout
 from rdt_jax.runner import resolve_layer_layout
 from rdt_jax.training import checkpoints as ckpt
@@ -44,6 +45,10 @@ from rdt_jax.training.train_step import (
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or the gradient norm became NaN/inf; the run stopped without saving the bad state."""
+
+
+class RunSetupError(ValueError):
+    """The output directory holds another run (or one that cannot continue as asked); nothing was changed."""
 
 
 def check_finite(metrics: dict[str, float], step: int, last_good: str) -> None:
@@ -76,6 +81,38 @@ def _config_json(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+# Settings that change what an exact resume reproduces: warned about when they differ from the checkpoint's.
+_RESUME_SETTINGS = ("seed", "batch_size", "grad_accum", "data", "optim")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resumable(meta: dict[str, Any], rcfg: RDTConfig, cfg: TrainConfig, step: int) -> None:
+    """Refuse to resume a checkpoint of another model or past ``num_steps``; warn about changed settings."""
+    where = f"checkpoint {step}"
+    saved = meta.get("rdt_config")
+    if saved is not None and saved != rcfg.to_official():
+        saved, now = _flat(saved), _flat(rcfg.to_official())
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        changes = ", ".join(f"{k}: {saved.get(k)} -> {now.get(k)}" for k in diff)
+        raise RunSetupError(f"{where} is of another model ({changes}); resume with the run's own preset and options, "
+                         "or give another --output-dir")
+    if step > cfg.num_steps:
+        raise RunSetupError(f"{where} is past --num-steps {cfg.num_steps}; give --num-steps >= {step} to continue")
+    old, new = meta.get("train_config") or {}, _config_json(cfg)
+    changed = [k for k in _RESUME_SETTINGS if k in old and old[k] != new.get(k)]
+    if cfg.optim.schedule == "cosine" and cfg.optim.decay_steps is None and old.get("num_steps") != cfg.num_steps:
+        changed.append("num_steps (the cosine schedule's length; fix it with --optim.decay-steps)")
+    if changed and jax.process_index() == 0:
+        print(f"[rdt-jax] warning: resuming {where} with changed {', '.join(changed)}: not the run it continues",
+              flush=True)
+
+
 def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = None) -> dict[str, Any]:
     """Runs (or resumes) ``cfg``; returns a summary. ``batch_hook(step, batch)`` may alter host batches
     (tests inject faults with it)."""
@@ -97,7 +134,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     if encoder is not None:
         img_cond_len = 6 * encoder.num_tokens_per_image
         rcfg = rdt_config(cfg.model, img_cond_len=img_cond_len, max_lang_len=cfg.data.max_lang_len)
-        if cfg.model.preset == "tiny":
+        if cfg.model.preset == "tiny" and cfg.model.init_from is None:
             rcfg = rcfg.replace(img_token_dim=encoder.token_dim)
         if (rcfg.img_cond_len, rcfg.img_token_dim) != (img_cond_len, encoder.token_dim):
             raise ValueError(f"the image encoder gives {img_cond_len} tokens x {encoder.token_dim}, the model "
@@ -126,8 +163,14 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     ckpt_shardings = state_shardings(ckpt_abstract, mesh)
     abstract = state_in_layout(ckpt_abstract, layout)
     shardings = state_shardings(abstract, mesh)
-    latest = mngr.latest_step() if cfg.resume else None
+    existing = mngr.latest_step()
+    if existing is not None and not cfg.resume:
+        # Orbax would skip every save at or below the old latest step: the new run would silently not be saved.
+        raise RunSetupError(f"{mngr.directory} already holds checkpoints (latest step {existing}): pass --resume "
+                              "to continue that run, or give another --output-dir")
+    latest = existing if cfg.resume else None
     if latest is not None:
+        check_resumable(ckpt.restore_meta(mngr, latest), rcfg, cfg, latest)
         state, data_state, _ = ckpt.restore(mngr, latest, ckpt.abstract_with_shardings(ckpt_abstract, ckpt_shardings))
         state = state_in_layout(state, layout, shardings)
         if data_state:

@@ -52,7 +52,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(cfg: OptimConfig, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = make_schedule(cfg, num_steps)
+    schedule = make_schedule(cfg, cfg.decay_steps if cfg.decay_steps is not None else num_steps)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                         mu_dtype=jnp.dtype(cfg.mu_dtype))
     if cfg.max_grad_norm > 0:

@@ -62,7 +62,15 @@ def rdt_config(m: ModelConfig, *, img_cond_len: int, max_lang_len: int) -> RDTCo
     if m.init_from is not None:
         from rdt_jax.convert.pretrained_dir import read_config
 
-        return read_config(m.init_from, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+        # The architecture is the checkpoint's (the preset's is not used); explicit sizes must agree with it.
+        rcfg = read_config(m.init_from, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+        asked = {name: getattr(m, name) for name in ("hidden_size", "depth", "num_heads", "pred_horizon")}
+        clash = {k: (v, getattr(rcfg, k)) for k, v in asked.items() if v is not None and v != getattr(rcfg, k)}
+        if clash:
+            raise ValueError(f"--init-from {m.init_from} holds a model with "
+                             + ", ".join(f"{k} {have} (asked: {want})" for k, (want, have) in clash.items())
+                             + "; drop those --model options (or set them to None) to train the checkpoint's model")
+        return rcfg
     if m.preset == "tiny":
         n_img = img_cond_len // 6
         kw.update(pred_horizon=m.pred_horizon or 64, img_cond_len=img_cond_len, max_lang_cond_len=max_lang_len,

@@ -1,6 +1,7 @@
 """``scripts/train.py debug`` end to end: exact resume (clean stop and kill -9), the exported inference
 layout, NaN stop; and a two-process jax.distributed train step on 127.0.0.1."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -16,8 +17,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 import rdt_jax
+from rdt_jax.training.checkpoints import export_inference
 from rdt_jax.training.config import PRESETS, CheckpointConfig
-from rdt_jax.training.loop import NonFiniteLossError, check_finite, train
+from rdt_jax.training.loop import NonFiniteLossError, RunSetupError, check_finite, train
+from rdt_jax.training.train_step import rdt_config
 from tests.training import tiny
 from tests.training.conftest import CACHE_ENV
 
@@ -173,6 +176,32 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     params = _ckpt_state(tmp_path, 2)["params"]
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
     assert not (tmp_path / "params").exists()  # nothing exported from a failed run
+
+
+def test_resume_and_init_from_guard_against_the_wrong_run(tmp_path):
+    """A fresh run over another run's checkpoints, a resume with another model or past --num-steps, and
+    --init-from with sizes the checkpoint does not have are refused with a clear message; an export without
+    EMA removes an older run's ema/."""
+    base = PRESETS["debug"]().replace(output_dir=str(tmp_path), num_steps=2,
+                                      checkpoint=CheckpointConfig(save_every=1, max_to_keep=2))
+    base = base.replace(log=base.log.__class__(progress_bar=False, tensorboard=False))
+    train(base)
+    assert (tmp_path / "ema" / "config.json").is_file()
+    with pytest.raises(RunSetupError, match=r"already holds checkpoints \(latest step 2\).*--resume"):
+        train(base.replace(seed=7))  # Orbax would have skipped every save of this run
+    other = base.replace(resume=True, num_steps=4, model=dataclasses.replace(base.model, hidden_size=64))
+    with pytest.raises(ValueError, match=r"checkpoint 2 is of another model \(.*rdt.hidden_size: 32 -> 64\)"):
+        train(other)
+    with pytest.raises(ValueError, match=r"checkpoint 2 is past --num-steps 1"):
+        train(base.replace(resume=True, num_steps=1))
+    with pytest.raises(ValueError, match=r"holds a model with depth 2 \(asked: 3\)"):
+        rdt_config(dataclasses.replace(base.model, depth=3, init_from=str(tmp_path)), img_cond_len=24,
+                   max_lang_len=8)
+    rcfg = rdt_config(dataclasses.replace(base.model, init_from=str(tmp_path)), img_cond_len=24, max_lang_len=8)
+    assert (rcfg.hidden_size, rcfg.depth) == (32, 2)
+    runner = rdt_jax.load_pretrained(tmp_path)
+    export_inference(tmp_path, runner.config, runner.param_dict(), None)
+    assert not (tmp_path / "ema").exists() and (tmp_path / "params").is_dir()
 
 
 def test_finite_loss_with_nan_gradients_also_stops():

@@ -105,6 +105,18 @@ def test_schedules_follow_diffusers():
     assert float(cos(10)) == pytest.approx(1.0)
     assert float(cos(60)) == pytest.approx(0.5, abs=1e-6)
     assert float(cos(110)) == pytest.approx(0.0, abs=1e-6)
+    # decay_steps fixes the cosine's length whatever --num-steps says (a run stopped early and resumed)
+    _, fixed = make_optimizer(OptimConfig(learning_rate=1.0, schedule="cosine", warmup_steps=10, decay_steps=110), 40)
+    assert float(fixed(60)) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_step_intervals_must_be_positive():
+    from rdt_jax.training.config import LogConfig
+
+    with pytest.raises(ValueError, match="save_every must be >= 1"):
+        CheckpointConfig(save_every=0)
+    with pytest.raises(ValueError, match="log_every must be >= 1"):
+        LogConfig(log_every=0)
 
 
 def test_sharding_rules():
