@@ -110,6 +110,8 @@ def encode(args: Args) -> list[pathlib.Path]:
     store = EmbeddingStore(args.store_dir) if args.store_dir is not None else None
     dtype = jnp.dtype(args.dtype)
     mesh = None
+    if args.fsdp > len(jax.devices()):
+        raise ValueError(f"--fsdp {args.fsdp} needs as many devices; this process has {len(jax.devices())}")
     if args.fsdp > 1:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[: args.fsdp]), ("fsdp",))
     tokenizer = load_t5_tokenizer(args.tokenizer_dir or args.t5_dir)
@@ -152,6 +154,8 @@ def encode(args: Args) -> list[pathlib.Path]:
 
 def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     args = tyro.cli(Args, args=argv)
+    if not args.t5_dir.is_dir():
+        raise SystemExit(f"error: --t5-dir {args.t5_dir}: no such directory")
     written = encode(args)
     where = " and ".join(str(d) for d in (args.out_dir, args.store_dir) if d is not None)
     print(f"wrote {len(written)} files to {where}", file=sys.stderr)

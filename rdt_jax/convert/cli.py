@@ -50,6 +50,8 @@ def torch_to_jax(src: pathlib.Path, out: pathlib.Path, dtype: str = "float32",
                  config: pathlib.Path | None = None) -> pathlib.Path:
     from rdt_jax.convert.pretrained_dir import write_pretrained_dir
 
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or directory")
     if src.is_dir():
         weights = find_weights(src)
         config = config or src / CONFIG_FILE
@@ -76,6 +78,12 @@ def jax_to_torch(src: pathlib.Path, out: pathlib.Path, dtype: str | None = None)
     from rdt_jax.runner import abstract_policy
 
     cfg = read_config(src)
+    defaults = {f.name: f.default for f in dataclasses.fields(RDTConfig)}  # what the official code computes
+    for option in ("norm_form", "norm_eps"):
+        if getattr(cfg, option) != defaults[option]:
+            raise ValueError(f"{src}: the model uses {option}={getattr(cfg, option)!r}, which the official code does "
+                             f"not implement (it has {defaults[option]!r}): in the official layout it would "
+                             "compute something else")
     abstract = nnx.to_pure_dict(nnx.state(abstract_policy(cfg), nnx.Param))
     if not (src / PARAMS_DIR).is_dir():
         raise FileNotFoundError(f"{src}: no {PARAMS_DIR}/ checkpoint directory (--to-torch reads a converted "

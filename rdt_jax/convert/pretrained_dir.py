@@ -71,7 +71,9 @@ def read_params(path: str | pathlib.Path, abstract: PureParams) -> PureParams:
     """Restores ``params/`` onto ``abstract`` (ShapeDtypeStructs, optionally sharded), casting dtypes."""
     params_dir = pathlib.Path(path).absolute() / PARAMS_DIR
     if not params_dir.is_dir():
-        raise FileNotFoundError(f"{path}: no {PARAMS_DIR}/ checkpoint directory")
+        hint = (" (an official checkpoint? convert it first: python convert_torch_weights.py SRC OUT)"
+                if any((pathlib.Path(path) / f).is_file() for f in ("pytorch_model.bin", "model.safetensors")) else "")
+        raise FileNotFoundError(f"{path}: no {PARAMS_DIR}/ checkpoint directory{hint}")
     checkpointer = ocp.StandardCheckpointer()
     stored = checkpointer.metadata(params_dir).item_metadata.tree
     want, have = _flat_shapes(abstract), _flat_shapes(stored)

@@ -19,10 +19,20 @@ __all__ = ["MAX_LANG_TOKENS", "load_t5_tokenizer", "tokenize"]
 MAX_LANG_TOKENS = 1024
 
 
+_TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
+
+
 def load_t5_tokenizer(tokenizer_dir: str | pathlib.Path) -> Any:
     """The (fast) T5 tokenizer from a local directory (``spiece.model`` and/or ``tokenizer.json``)."""
     from transformers import AutoTokenizer  # heavy import, only when a tokenizer is needed
 
+    tokenizer_dir = pathlib.Path(tokenizer_dir)
+    if not tokenizer_dir.is_dir():
+        raise FileNotFoundError(f"{tokenizer_dir}: no such tokenizer directory")
+    if not any((tokenizer_dir / f).is_file() for f in _TOKENIZER_FILES):
+        # transformers would build an empty-vocabulary tokenizer that maps every word to <unk>.
+        raise FileNotFoundError(f"{tokenizer_dir}: no T5 tokenizer ({' or '.join(_TOKENIZER_FILES)}); "
+                                "point --tokenizer-dir at google/t5-v1_1-xxl's files")
     return AutoTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=MAX_LANG_TOKENS)
 
 

@@ -7,6 +7,7 @@ are written to ``<output_dir>/train_config.json`` and never executed.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Literal
 
 from rdt_jax.model.config import EmaConfig
@@ -200,6 +201,9 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------ presets
+# The official pretraining lists, weights and statistics (thu-ml/RoboticsDiffusionTransformer configs/), shipped
+# with the package so the pretrain preset works from any directory.
+OFFICIAL_DATA = pathlib.Path(__file__).resolve().parents[1] / "data" / "assets"
 _TINY_MODEL = ModelConfig(preset="tiny", hidden_size=64, depth=4, num_heads=4, pred_horizon=16, dtype="float32")
 _TINY_IMAGES = ImageEncoderConfig(kind="random_tiny", dtype="float32")
 
@@ -258,9 +262,9 @@ def _pretrain() -> TrainConfig:
         output_dir="runs/pretrain", num_steps=1_000_000, batch_size=32,
         model=ModelConfig(preset="rdt-1b", remat="full"),
         data=DataConfig(kind="rlds", image_aug=False, state_noise_snr=None,
-                        weights_file="../shared/reference/data/pretrain_sample_weights.json",
-                        datasets_file="../shared/reference/data/pretrain_datasets.json",
-                        stats_file="../shared/reference/data/dataset_stat.json"),
+                        weights_file=str(OFFICIAL_DATA / "pretrain_sample_weights.json"),
+                        datasets_file=str(OFFICIAL_DATA / "pretrain_datasets.json"),
+                        stats_file=str(OFFICIAL_DATA / "dataset_stat.json")),
         mesh=MeshConfig(data=-1, fsdp=8),
         checkpoint=CheckpointConfig(save_every=1000, max_to_keep=40),
         validation=ValidationConfig(every=500, batch_size=64, num_batches=2),

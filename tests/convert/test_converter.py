@@ -97,6 +97,21 @@ def test_unreadable_bin_is_a_clear_error(tmp_path, small_dir, capsys, content):
     assert not (tmp_path / "out").exists()
 
 
+def test_missing_source_and_models_without_an_official_form(tmp_path, small_dir, capsys):
+    assert _convert(tmp_path / "typo", tmp_path / "out") == 1
+    assert "typo: no such file or directory" in capsys.readouterr().err
+    # A model with the true RMS norm (an rdt-jax option) has no official equivalent: --to-torch refuses it.
+    cfg = json.loads((small_dir / "config.json").read_text())
+    cfg["rdt_jax"] = {"norm_form": "rms"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert _convert(small_dir / "model.safetensors", tmp_path / "rms", "--config", tmp_path / "config.json") == 0
+    assert _convert(tmp_path / "rms", tmp_path / "back", "--to-torch") == 1
+    assert "norm_form='rms', which the official code does not implement" in capsys.readouterr().err
+    assert not (tmp_path / "back").exists()
+    with pytest.raises(FileNotFoundError, match="convert it first"):
+        rdt_jax.load_pretrained(small_dir)
+
+
 def test_to_torch_needs_an_rdt_jax_directory(tmp_path, small_dir, capsys):
     """The official directory given to --to-torch by mistake: a clear message, with or without --dtype."""
     for extra in ((), ("--dtype", "float32")):

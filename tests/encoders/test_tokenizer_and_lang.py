@@ -84,6 +84,16 @@ def test_tokenizer_official_settings(tok_dir):
     assert (left_ids == ids).all() and (left_mask == mask).all()
 
 
+def test_tokenizer_directory_without_tokenizer_files(tmp_path):
+    """A model directory saved without its tokenizer: transformers would build an empty vocabulary (every
+    word <unk>, every instruction the same embedding); this is an error instead."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(FileNotFoundError, match="no T5 tokenizer"):
+        load_t5_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such tokenizer directory"):
+        load_t5_tokenizer(tmp_path / "missing")
+
+
 def test_tokenizer_rejects_too_long(tok_dir):
     tok = load_t5_tokenizer(tok_dir)
     with pytest.raises(ValueError, match="more than 1024"):

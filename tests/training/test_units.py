@@ -1,6 +1,8 @@
 """Model-free pieces: EMA schedule, clipping, schedules, sharding rules, metrics, checkpoint pruning and
 restoring onto another mesh."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,3 +187,18 @@ def test_checkpoint_pruning_and_restore_onto_another_mesh(tmp_path):
     assert len(k.addressable_shards[0].data) == 4  # 8 rows over fsdp=2
     np.testing.assert_array_equal(np.asarray(k), np.asarray(state["params"]["k"]["kernel"]))
     mngr.close()
+
+
+def test_pretrain_preset_ships_the_official_lists(shared_dir):
+    """The pretrain preset's weights, dataset list and statistics are packaged copies of the official files,
+    usable from any working directory."""
+    from rdt_jax.training.config import PRESETS
+    from rdt_jax.training.data import _dataset_list
+
+    data = PRESETS["pretrain"]().data
+    for path in (data.weights_file, data.datasets_file, data.stats_file):
+        name = pathlib.Path(path).name
+        assert pathlib.Path(path).is_absolute()
+        assert pathlib.Path(path).read_bytes() == (shared_dir / "reference" / "data" / name).read_bytes()
+    names = _dataset_list(data.datasets_file, ["fractal20220817_data"])
+    assert len(names) == 46 and names[0] == "fractal20220817_data"
