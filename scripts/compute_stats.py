@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import pathlib
 import sys
 from collections.abc import Callable, Iterable
@@ -66,8 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index-cache", default=None, help="episode index cache file (hdf5)")
     args, _ = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    name, episodes = FORMATS[args.format](args)
-    result = stats.compute_dataset_stats(name, episodes)
+    if not os.path.isdir(args.data_dir):
+        p.error(f"--data-dir {args.data_dir}: no such directory")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        p.error(f"--output {args.output}: directory {out_dir} does not exist")
+    try:
+        name, episodes = FORMATS[args.format](args)
+        result = stats.compute_dataset_stats(name, episodes)
+    except (FileNotFoundError, KeyError, ValueError) as e:  # a bad robot name, a bad episode: named by the error
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     stats.write_stats(args.output, {name: result}, skip_exist=args.skip_exist)
     logging.info("wrote statistics of %s to %s", name, args.output)
     return 0

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"[rdt-jax] ERROR: {e}", file=sys.stderr, flush=True)
         return 3
-    except RunSetupError as e:
+    except (RunSetupError, FileNotFoundError) as e:  # another run's directory; a missing data/weights path
         print(f"[rdt-jax] ERROR: {e}", file=sys.stderr, flush=True)
         return 2
     if jax.process_index() == 0:
