@@ -88,6 +88,17 @@ def dense_t(w: jax.Array, x_t: jax.Array) -> jax.Array:
     return y.astype(x_t.dtype).reshape(w.shape[0], *lead)
 
 
+def to_device_memory(params: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """``params`` with those kept in host memory (offloaded weights) copied to device memory, where the
+    layer that uses them runs; inside jit the copy is scheduled per layer, so the device holds about one
+    layer's weights at a time. Arrays already in device memory pass through."""
+    def fetch(x: jax.Array) -> jax.Array:
+        on_host = getattr(jax.typeof(x), "memory_space", None) == jax.memory.Space.Host
+        return jax.device_put(x, jax.memory.Space.Device) if on_host else x
+
+    return {k: fetch(v) for k, v in params.items()}
+
+
 def gelu_tanh(x: jax.Array) -> jax.Array:
     """GELU, tanh approximation (``gelu_pytorch_tanh`` / ``gelu_new``), evaluated in float32 and
     rounded once to ``x.dtype`` (as PyTorch's half-precision GELU kernels do)."""

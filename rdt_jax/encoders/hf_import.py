@@ -306,12 +306,15 @@ def import_params(
     *,
     ignore: Sequence[str] = (),
     sharding_for: Callable[[nnx.Variable], jax.sharding.Sharding | None] | None = None,
+    memory_kind_for: Callable[[tuple[str, ...]], str | None] | None = None,
 ) -> nnx.State:
     """Fill ``abstract_state`` (from ``nnx.eval_shape``) from the checkpoint, strictly.
 
     ``ignore`` holds regular expressions (``re.fullmatch``) for checkpoint keys that are known and
     deliberately unused (e.g. the T5 decoder in a full T5 checkpoint). ``sharding_for`` gives
-    each parameter's sharding (default: None = the default device).
+    each parameter's sharding (default: None = the default device); ``memory_kind_for(path)`` the
+    memory it lives in (e.g. ``"pinned_host"`` for weights offloaded to the host; None = device
+    memory). Each tensor goes straight from the file to that memory.
     """
     sources = list(sources)
     leaves = _state_leaves(abstract_state)
@@ -374,6 +377,12 @@ def import_params(
         dtype = np.dtype(var.dtype)
         keys = resolved[path]
         sharding = shard(var)
+        kind = memory_kind_for(path) if memory_kind_for is not None else None
+        if kind is not None:
+            if src.stacked:
+                raise ValueError(f"{'/'.join(path)}: stacked parameters cannot be kept in {kind} memory "
+                                 "(they are filled layer by layer on the device); use the per-layer layout")
+            sharding = (sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])).with_memory_kind(kind)
         if src.stacked:
             value = _zeros(tuple(var.shape), dtype, sharding)
             for i, k in enumerate(keys):

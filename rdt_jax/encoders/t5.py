@@ -233,6 +233,7 @@ class T5Encoder(nnx.Module):
         act = _ops.activation(cfg.dense_act)
 
         def block(x: jax.Array, lp: dict[str, jax.Array]) -> tuple[jax.Array, None]:
+            lp = _ops.to_device_memory(lp)  # offloaded blocks (load_t5(..., offload=True)) come from the host
             y = _ops.rms_norm(x, lp["attn_norm"], eps, axis=0).astype(dt)
             w = {k: v.astype(dt) for k, v in lp.items()}
             q = _ops.dense_t(w["q"], y).reshape(h, dk, b, length)
@@ -296,6 +297,7 @@ def load_t5(
     layer_layout: _ops.LayerLayout = "per_layer",
     mesh: jax.sharding.Mesh | None = None,
     rules: dict[str, Any] | None = None,
+    offload: bool = False,
 ) -> T5Encoder:
     """Build the T5 encoder from a Hugging Face directory (T5EncoderModel or a full T5 checkpoint).
 
@@ -303,7 +305,14 @@ def load_t5(
     and placed on the default device, or laid out over ``mesh`` by their logical axis names
     and ``rules`` (default :data:`T5_SHARDING_RULES`), so no device ever holds the whole model
     unless the mesh is a single device. ``layer_layout``: see the module docstring.
+
+    ``offload=True`` keeps the encoder blocks' weights in (pinned) host memory, laid out as the
+    mesh says, and copies each block's weights to the device where it runs: T5-XXL (9.5 GB in
+    bfloat16, 19 GB in float32) then needs about one block (~0.4 / 0.8 GB) of device memory besides
+    the embedding table. Needs the ``per_layer`` layout.
     """
+    if offload and layer_layout != "per_layer":
+        raise ValueError("offload=True needs layer_layout='per_layer' (a stacked parameter is filled on the device)")
     hf_dir = pathlib.Path(hf_dir)
     cfg = T5EncoderConfig.from_hf(read_config(hf_dir), source=str(hf_dir / "config.json"))
     model = nnx.eval_shape(
@@ -312,7 +321,7 @@ def load_t5(
     graphdef, abstract = nnx.split(model)
     rules = T5_SHARDING_RULES if rules is None else rules
     with CheckpointReader(hf_dir) as reader:
-        state = import_params(
-            reader, abstract, t5_sources(cfg, layer_layout), ignore=_IGNORED, sharding_for=make_sharding_fn(mesh, rules)
-        )
+        on_host = (lambda path: "pinned_host" if path[0] == "blocks" else None) if offload else None
+        state = import_params(reader, abstract, t5_sources(cfg, layer_layout), ignore=_IGNORED,
+                              sharding_for=make_sharding_fn(mesh, rules), memory_kind_for=on_host)
     return nnx.merge(graphdef, state)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 from transformers.models.t5.modeling_t5 import T5Attention
 
@@ -195,3 +196,28 @@ def test_mesh_sharding(hf_factory, errs, layout):
     enc8 = load_t5(path, mesh=mesh8, layer_layout=layout)
     assert block(enc8).wi_0[...].sharding.spec == PartitionSpec(*lead, None, "fsdp")
     assert rel_err(_forward(enc8, ids, mask), plain) <= 1e-6
+
+
+def test_offloaded_blocks_live_on_the_host_and_give_the_same_output(hf_factory, errs):
+    """load_t5(..., offload=True): every block weight in pinned host memory (on one device or laid out over
+    a mesh), the rest on the device, and the encoder's output unchanged, jitted or not."""
+    cfg = CONFIGS["base"]
+    _, path = hf_factory("t5_encoder", **cfg)
+    ids, mask = _batch(cfg["vocab_size"], [12, 5], seed=5)
+    plain = _forward(load_t5(path), ids, mask)
+    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    for enc in (load_t5(path, offload=True), load_t5(path, offload=True, mesh=mesh)):
+        blocks = [v for layer in enc.blocks for v in jax.tree.leaves(nnx.state(layer))]
+        assert blocks and all(w.sharding.memory_kind == "pinned_host" for w in blocks)
+        assert enc.embed[...].sharding.memory_kind == "device"
+        assert errs[0](_forward(enc, ids, mask), plain) <= 1e-6  # the mesh changes reduction orders only
+    eager = np.asarray(load_t5(path, offload=True)(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
+    assert errs[0](eager, plain) <= 1e-6
+    # On CPU host and device memory are one; lowered for a GPU, every block weight is copied to the device.
+    enc = load_t5(path, offload=True)
+    gpu = (jax.jit(lambda e, i, m: e(i, m)).trace(enc, jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
+           .lower(lowering_platforms=("cuda",)).as_text())
+    n_block_weights = sum(len(jax.tree.leaves(nnx.state(layer))) for layer in enc.blocks)
+    assert gpu.count('_xla_buffer_placement = "device"') == n_block_weights
+    with pytest.raises(ValueError, match="per_layer"):
+        load_t5(path, offload=True, layer_layout="stacked")
