@@ -64,6 +64,8 @@ class MetricWriter:
             for k, v in clean.items():
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
+            # Not committed: wandb merges the rows of one step (training and validation metrics) and commits
+            # it when the next step arrives or the run finishes.
             self._wandb.log(clean, step=step)
 
     def image(self, step: int, tag: str, png: pathlib.Path) -> None:
