@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rdt_jax import host_memory
@@ -163,6 +164,13 @@ class RDTRunner:
                 timesteps = jax.random.randint(
                     k_t, (jnp.shape(action_gt)[0],), 0, self.config.noise_scheduler.num_train_timesteps
                 )
+        elif not isinstance(timesteps, jax.core.Tracer):
+            # Under jit an out-of-range step would index the noise tables clamped (PyTorch raises).
+            timesteps = np.asarray(timesteps)
+            num_t = self.config.noise_scheduler.num_train_timesteps
+            if timesteps.size and (timesteps.min() < 0 or timesteps.max() >= num_t):
+                raise ValueError(f"timesteps must lie in [0, {num_t}); got values in "
+                                 f"[{timesteps.min()}, {timesteps.max()}]")
         return _loss(self.graphdef, self.state, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_gt,
                           action_mask, ctrl_freqs, noise, timesteps)
 
@@ -195,6 +203,10 @@ def load_pretrained(
     ``layer_layout`` (``auto``, ``stacked``, ``per_layer``) only changes how blocks are stored and
     run (``RDTConfig.layer_layout``), never the results.
     """
+    if jnp.dtype(compute_dtype or dtype) == jnp.float16 and jax.default_backend() == "cpu":
+        # float16 weights with another compute dtype are fine.
+        raise ValueError("float16 compute is not supported on CPU (XLA:CPU has no float16 x float16 -> float32 "
+                         "products); use compute_dtype='bfloat16' or 'float32'")
     _keep_host_memory_small()
     param_dtype = jnp.dtype(dtype).name
     cfg = read_config(path, param_dtype=param_dtype, dtype=jnp.dtype(compute_dtype or dtype).name,

@@ -129,6 +129,19 @@ def test_rng_paths_are_deterministic_and_validated(tiny_runner):
     assert np.all(np.asarray(a1)[np.broadcast_to(x["action_mask"], a1.shape) == 0] == 0)
     with pytest.raises(ValueError, match="rng"):
         r.predict_action(*[x[k] for k in PA])
+    # Explicit timesteps outside the schedule are an error (the official indexing raises too), lists work.
+    noise = np.zeros(np.shape(x["action_gt"]), np.float32)
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\); got values in \[3, 1000\]"):
+        r.compute_loss(*loss_args, noise=noise, timesteps=[3, 1000])
+    assert float(r.compute_loss(*loss_args, noise=noise, timesteps=[3, 999])) == float(
+        r.compute_loss(*loss_args, noise=noise, timesteps=np.array([3, 999])))
+
+
+def test_float16_compute_on_cpu_is_refused(converted_small):
+    with pytest.raises(ValueError, match="float16 compute is not supported on CPU"):
+        rdt_jax.load_pretrained(converted_small, dtype="float16")
+    r = rdt_jax.load_pretrained(converted_small, dtype="float16", compute_dtype="float32")  # 16-bit storage only
+    assert r.config.jnp_param_dtype == np.float16
 
 
 @pytest.mark.parametrize(
