@@ -53,7 +53,13 @@ def write_pretrained_dir(out: str | pathlib.Path, cfg: RDTConfig, params: PurePa
             (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
             (jax.Array, ocp.type_handlers.ArrayHandler()),
         )
-        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+        # This process alone (no barrier with the others): a training run's export is written by process 0
+        # only, from host copies of the gathered parameters.
+        me = jax.process_index()
+        alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        checkpointer = ocp.Checkpointer(
+            ocp.PyTreeCheckpointHandler(type_handler_registry=registry, multiprocessing_options=alone),
+            multiprocessing_options=alone)
         checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
         checkpointer.close()
     return pathlib.Path(out)

@@ -128,6 +128,11 @@ class MeshConfig:
     num_processes: int | None = None
     process_id: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("data", "fsdp"):
+            if getattr(self, name) == 0 or getattr(self, name) < -1:
+                raise ValueError(f"mesh.{name} must be -1 (all remaining devices) or >= 1, got {getattr(self, name)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:

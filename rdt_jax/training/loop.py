@@ -28,7 +28,7 @@ from rdt_jax.training.logging import MetricWriter
 from rdt_jax.training.mesh import make_mesh, maybe_initialize_distributed
 from rdt_jax.training.metrics import validation as val
 from rdt_jax.training.optimizer import make_optimizer
-from rdt_jax.training.sharding import batch_sharding
+from rdt_jax.training.sharding import batch_sharding, unsharded_fraction
 from rdt_jax.training.train_step import (
     abstract_params,
     init_params,
@@ -85,6 +85,24 @@ def _config_json(cfg: TrainConfig) -> dict[str, Any]:
 _RESUME_SETTINGS = ("seed", "batch_size", "grad_accum", "data", "optim")
 
 
+def data_state_for(state: dict[str, Any], saved_processes: int, processes: int) -> dict[str, Any]:
+    """The data iterator state of a checkpoint written by ``saved_processes`` processes, for ``processes``.
+
+    Process p of P reads the global samples p, p + P, p + 2P, ... (rdt_jax.data.pipeline), so a local
+    position n means n * P global samples were consumed by all processes together; with P' processes
+    that is the local position n * P / P' (the checkpoint holds process 0's state, which all share).
+    """
+    if saved_processes == processes:
+        return state
+    if set(state) != {"next_index"}:
+        raise RunSetupError(f"cannot move data iterator state {state} from {saved_processes} to {processes} processes")
+    consumed = int(state["next_index"]) * saved_processes
+    if consumed % processes:
+        raise RunSetupError(f"{consumed} samples were consumed by {saved_processes} processes, which {processes} "
+                            "processes cannot continue evenly")
+    return {"next_index": consumed // processes}
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -122,15 +140,17 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     mesh = make_mesh(cfg.mesh)
     nproc, is_main = jax.process_count(), jax.process_index() == 0
     n_dev = mesh.devices.size
-    for name, b in (("batch_size", cfg.batch_size // cfg.grad_accum), ("validation.batch_size",
-                                                                        cfg.validation.batch_size)):
+    checked = [("batch_size", cfg.batch_size // cfg.grad_accum)]
+    if cfg.validation.every > 0:
+        checked.append(("validation.batch_size", cfg.validation.batch_size))
+    for name, b in checked:
         if b % n_dev or b % nproc:
             raise ValueError(f"{name} (per micro-batch) {b} must be divisible by the {n_dev} devices")
     out = pathlib.Path(cfg.output_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- model + frozen image encoder
-    encoder = make_image_encoder(cfg.image_encoder, cfg.seed)
+    encoder = make_image_encoder(cfg.image_encoder, cfg.seed, mesh)
     if encoder is not None:
         img_cond_len = 6 * encoder.num_tokens_per_image
         rcfg = rdt_config(cfg.model, img_cond_len=img_cond_len, max_lang_len=cfg.data.max_lang_len)
@@ -162,6 +182,11 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     ckpt_abstract = jax.eval_shape(fresh, abstract_params(rcfg))
     ckpt_shardings = state_shardings(ckpt_abstract, mesh)
     abstract = state_in_layout(ckpt_abstract, layout)
+    lost = unsharded_fraction(ckpt_abstract["params"], mesh)
+    if lost > 0.1 and is_main:
+        print(f"[rdt-jax] warning: fsdp={mesh.shape['fsdp']} does not divide the model's widths: {lost:.0%} of the "
+              "parameter bytes (and their Adam moments and EMA) are replicated on every device; choose an fsdp size "
+              f"that divides hidden_size {rcfg.hidden_size}", flush=True)
     shardings = state_shardings(abstract, mesh)
     existing = mngr.latest_step()
     if existing is not None and not cfg.resume:
@@ -170,11 +195,12 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
                               "to continue that run, or give another --output-dir")
     latest = existing if cfg.resume else None
     if latest is not None:
-        check_resumable(ckpt.restore_meta(mngr, latest), rcfg, cfg, latest)
+        saved_meta = ckpt.restore_meta(mngr, latest)
+        check_resumable(saved_meta, rcfg, cfg, latest)
         state, data_state, _ = ckpt.restore(mngr, latest, ckpt.abstract_with_shardings(ckpt_abstract, ckpt_shardings))
         state = state_in_layout(state, layout, shardings)
         if data_state:
-            train_iter.set_state(data_state)
+            train_iter.set_state(data_state_for(data_state, saved_meta.get("process_count", nproc), nproc))
         start = int(state["step"])
         msg = f"resumed from {mngr.directory / str(latest)} (step {start})"
     else:
@@ -188,7 +214,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     enc_params = encoder.params
 
     meta = {"rdt_config": rcfg.to_official(), "dataset_names": data.dataset_names, "dataset_stats": data.stats,
-            "robot": data.robot, "train_config": _config_json(cfg)}
+            "robot": data.robot, "train_config": _config_json(cfg), "process_count": nproc}
     if is_main:
         (out / "train_config.json").write_text(json.dumps(meta["train_config"], indent=2) + "\n")
 

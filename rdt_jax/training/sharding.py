@@ -64,6 +64,22 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
         lambda p, x: NamedSharding(mesh, spec_for(path_str(p), tuple(x.shape), mesh)), tree)
 
 
+def unsharded_fraction(tree: Any, mesh: Mesh) -> float:
+    """The fraction of the tree's bytes whose rule asks for a sharded dimension that the mesh axis does not
+    divide, so they are replicated on every device (e.g. fsdp 6 with a width of 2048): a layout to warn about,
+    since memory per device is then that of pure data parallelism."""
+    total = fallback = 0
+    for p, x in jax.tree_util.tree_leaves_with_path(tree):
+        size = x.size * x.dtype.itemsize
+        total += size
+        path = path_str(p)
+        wanted = [LOGICAL_TO_MESH.get(n) for n in logical_axes(path, len(x.shape)) if n]
+        if any(a is not None and mesh.shape.get(a, 1) > 1 for a in wanted if isinstance(a, str)) and \
+                spec_for(path, tuple(x.shape), mesh) == PartitionSpec(*([None] * len(x.shape))):
+            fallback += size
+    return fallback / total if total else 0.0
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 

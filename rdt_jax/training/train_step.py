@@ -98,10 +98,13 @@ class ImageEncoder:
         return encode_images(nnx.merge(self.graphdef, params), images, channels_last=False)
 
 
-def make_image_encoder(cfg: ImageEncoderConfig, seed: int = 0) -> ImageEncoder | None:
+def make_image_encoder(cfg: ImageEncoderConfig, seed: int = 0, mesh: Mesh | None = None) -> ImageEncoder | None:
+    """The frozen image encoder, its weights laid out over ``mesh`` by SigLIP's logical axis names
+    (``SIGLIP_SHARDING_RULES``: the width over ``fsdp``), or on the default device."""
     if cfg.kind == "features":
         return None
-    from rdt_jax.encoders.siglip import SiglipVisionConfig, SiglipVisionTower, load_siglip
+    from rdt_jax.encoders.hf_import import make_sharding_fn
+    from rdt_jax.encoders.siglip import SIGLIP_SHARDING_RULES, SiglipVisionConfig, SiglipVisionTower, load_siglip
 
     if cfg.kind == "random_tiny":
         # A randomly initialised, frozen SigLIP with the real code path: debug/demo runs need no download.
@@ -110,13 +113,20 @@ def make_image_encoder(cfg: ImageEncoderConfig, seed: int = 0) -> ImageEncoder |
                                   image_size=cfg.image_size, patch_size=cfg.patch_size)
         make = lambda: SiglipVisionTower(vcfg, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(seed + 12345))
         # Initialise under jit: eager initialisation dispatches hundreds of tiny ops (seconds on a CPU).
-        graphdef = nnx.graphdef(nnx.eval_shape(make))
-        params = jax.jit(lambda: nnx.state(make()))()
+        abstract = nnx.eval_shape(make)
+        graphdef = nnx.graphdef(abstract)
+        out_sh = None
+        if mesh is not None:
+            shard = make_sharding_fn(mesh, SIGLIP_SHARDING_RULES)
+            out_sh = jax.tree.map(shard, nnx.state(abstract), is_leaf=lambda x: isinstance(x, nnx.Variable))
+            out_sh = jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, out_sh,
+                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
+        params = jax.jit(lambda: nnx.state(make()), out_shardings=out_sh)()
         return ImageEncoder(graphdef, params, vcfg.num_patches, vcfg.hidden_size, vcfg.image_size)
     elif cfg.kind == "siglip":
         if cfg.path is None:
             raise ValueError("image_encoder.kind=siglip needs image_encoder.path (a SigLIP so400m checkpoint dir)")
-        tower = load_siglip(cfg.path, dtype=jnp.dtype(cfg.dtype))
+        tower = load_siglip(cfg.path, dtype=jnp.dtype(cfg.dtype), mesh=mesh)
     else:
         raise ValueError(f"unknown image encoder kind {cfg.kind!r}")
     graphdef, params = nnx.split(tower)
@@ -256,7 +266,8 @@ def make_train_step(
         return new_state, metrics
 
     st_sh = state_shardings(abstract_state, mesh)
-    enc_sh = tree_shardings(encoder.params, mesh) if encoder is not None else None
+    # The encoder's weights keep the layout they were placed in (SigLIP's logical axis rules).
+    enc_sh = jax.tree.map(lambda x: x.sharding, encoder.params) if encoder is not None else None
     b_sh = {name: batch_sharding(mesh, len(s.shape)) for name, s in batch_shapes.items()}
     return jax.jit(step, in_shardings=(st_sh, enc_sh, b_sh), out_shardings=(st_sh, replicated(mesh)),
                    donate_argnums=(0,))

@@ -180,3 +180,22 @@ def test_per_episode_weights_follow_the_official_visit_loop():
     assert got["b"] / sum(got.values()) == pytest.approx(1 * 612 / (3 * 80 / 3 + 1 * 612))
     with pytest.raises(TypeError, match="steps_per_visit"):
         per_episode_weights({"a": FakeSource("a", 0, "x")}, {"a": 1.0})
+
+
+def test_data_state_moves_between_process_counts(setup):
+    """A checkpoint's data state (process 0's) continues the global sample stream on another process count:
+    neither repeating nor skipping samples (rdt_jax.training.loop.data_state_for)."""
+    from rdt_jax.training.loop import RunSetupError, data_state_for
+
+    w = {"a": 1.0, "b": 1.0, "c": 1.0}
+    its = [iter(pipeline(setup, w, pi=p, pc=2)) for p in range(2)]
+    seen = {i for it in its for _, i in ids_of(take(it, 2))}
+    consumed = 2 * 2 * BCFG.batch_size
+    assert seen == set(range(consumed))
+    state = its[0].get_state()
+    one = iter(pipeline(setup, w, pc=1))
+    one.set_state(data_state_for(state, 2, 1))
+    assert [i for _, i in ids_of(take(one, 1))] == list(range(consumed, consumed + BCFG.batch_size))
+    assert data_state_for(state, 2, 2) is state
+    with pytest.raises(RunSetupError, match="cannot continue evenly"):
+        data_state_for({"next_index": 3}, 1, 2)

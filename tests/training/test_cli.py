@@ -260,3 +260,45 @@ def test_two_processes_on_loopback_agree(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2))
     assert r0 == r1
     assert all(np.isfinite(r0["losses"]))
+
+
+TRAIN_WORKER = r'''
+import os, sys
+sys.path.insert(0, sys.argv[3])
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.config.update("jax_compilation_cache_dir", os.environ["RDT_JAX_COMPILATION_CACHE"])
+from rdt_jax.training.config import PRESETS, LogConfig, MeshConfig
+from rdt_jax.training.loop import train
+cfg = PRESETS["debug"]()
+cfg = cfg.replace(output_dir=sys.argv[4], num_steps=2, log=LogConfig(progress_bar=False, tensorboard=False),
+                  mesh=MeshConfig(coordinator=sys.argv[1], num_processes=2, process_id=int(sys.argv[2])))
+train(cfg)
+'''
+
+
+def test_two_process_run_exports_and_resumes_on_one_process(tmp_path):
+    """The whole loop on two processes (2 CPU devices each): it ends, with the export written by process 0
+    alone (a collective save there used to hang the run), and one process resumes its checkpoint."""
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    script = tmp_path / "train_worker.py"
+    script.write_text(TRAIN_WORKER)
+    out = tmp_path / "run"
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), str(REPO), str(out)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    assert rdt_jax.load_pretrained(out).config.hidden_size == 32 and (out / "ema" / "params").is_dir()
+    cfg = PRESETS["debug"]().replace(output_dir=str(out), num_steps=3, resume=True)
+    cfg = cfg.replace(log=cfg.log.__class__(progress_bar=False, tensorboard=False))
+    summary = train(cfg)
+    assert (summary["start_step"], summary["final_step"]) == (2, 3) and np.isfinite(summary["losses"]).all()

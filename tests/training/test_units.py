@@ -119,6 +119,8 @@ def test_step_intervals_must_be_positive():
         CheckpointConfig(save_every=0)
     with pytest.raises(ValueError, match="log_every must be >= 1"):
         LogConfig(log_every=0)
+    with pytest.raises(ValueError, match=r"mesh\.data must be -1 .* or >= 1, got 0"):
+        MeshConfig(data=0)
 
 
 def test_sharding_rules():
@@ -202,3 +204,18 @@ def test_pretrain_preset_ships_the_official_lists(shared_dir):
         assert pathlib.Path(path).read_bytes() == (shared_dir / "reference" / "data" / name).read_bytes()
     names = _dataset_list(data.datasets_file, ["fractal20220817_data"])
     assert len(names) == 46 and names[0] == "fractal20220817_data"
+
+
+def test_unsharded_fraction_flags_fsdp_sizes_that_do_not_divide():
+    from jax.sharding import Mesh
+
+    from rdt_jax.training.sharding import unsharded_fraction
+
+    tree = {"lang_adaptor": {"layers": {"0": {"kernel": jax.ShapeDtypeStruct((4096, 2048), jnp.float32),
+                                              "bias": jax.ShapeDtypeStruct((2048,), jnp.float32)}}}}
+    devices = np.array(jax.devices())
+    six = Mesh(devices[:6].reshape(1, 6), ("data", "fsdp"))
+    four = Mesh(devices[:4].reshape(1, 4), ("data", "fsdp"))
+    kernel_share = 4096 * 2048 / (4096 * 2048 + 2048)
+    assert unsharded_fraction(tree, six) == pytest.approx(kernel_share)  # 6 divides neither 4096 nor 2048
+    assert unsharded_fraction(tree, four) == 0.0  # the bias is replicated by rule, not by fallback
