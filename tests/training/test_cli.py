@@ -237,26 +237,30 @@ json.dump({"losses": losses, "sum": float(np.asarray(k, np.float64).sum())}, ope
 '''
 
 
-def test_two_processes_on_loopback_agree(tmp_path):
+def _two_processes(script, args, timeout: int) -> None:
+    """Runs ``script COORDINATOR PROCESS_ID *args(i)`` as processes 0 and 1 on 127.0.0.1, 2 CPU devices each."""
     import portpicker
 
     port = portpicker.pick_unused_port()
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    params = tmp_path / "params.pkl"
-    params.write_bytes(pickle.dumps(tiny.initial_params(tiny.setup()[0])))
     env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), str(tmp_path / f"{i}.json"),
-                               str(REPO), str(params)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), *map(str, args(i))],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
              for i in range(2)]
     try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+
+
+def test_two_processes_on_loopback_agree(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    params = tmp_path / "params.pkl"
+    params.write_bytes(pickle.dumps(tiny.initial_params(tiny.setup()[0])))
+    _two_processes(script, lambda i: (tmp_path / f"{i}.json", REPO, params), timeout=240)
     r0, r1 = (json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2))
     assert r0 == r1
     assert all(np.isfinite(r0["losses"]))
@@ -280,23 +284,10 @@ train(cfg)
 def test_two_process_run_exports_and_resumes_on_one_process(tmp_path):
     """The whole loop on two processes (2 CPU devices each): it ends, with the export written by process 0
     alone (a collective save there used to hang the run), and one process resumes its checkpoint."""
-    import portpicker
-
-    port = portpicker.pick_unused_port()
     script = tmp_path / "train_worker.py"
     script.write_text(TRAIN_WORKER)
     out = tmp_path / "run"
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), str(REPO), str(out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-             for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    _two_processes(script, lambda i: (REPO, out), timeout=300)
     assert rdt_jax.load_pretrained(out).config.hidden_size == 32 and (out / "ema" / "params").is_dir()
     cfg = PRESETS["debug"]().replace(output_dir=str(out), num_steps=3, resume=True)
     cfg = cfg.replace(log=cfg.log.__class__(progress_bar=False, tensorboard=False))
