@@ -13,6 +13,7 @@ import json
 import mmap
 import pathlib
 import struct
+import zipfile
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -125,28 +126,29 @@ def _drop_mapped_pages(address: int, nbytes: int) -> None:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_DONTNEED)
 
 
+def load_torch_file(path: str | pathlib.Path) -> tuple[Any, bool]:
+    """``(object, memory_mapped)`` of a ``.bin``/``.pt`` file, read with ``torch.load(weights_only=True)``
+    (tensors and containers only, never arbitrary pickled objects). Memory-mapped when it is torch's zip
+    format; the legacy (pre-1.6) format cannot be, and is read whole. WeightFileError otherwise."""
+    try:
+        import torch
+    except ImportError as e:
+        raise WeightFileError(
+            f"{path}: reading .bin/.pt files needs torch; install the extra: pip install 'rdt-jax[torch]'"
+        ) from e
+    mapped = zipfile.is_zipfile(path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mapped), mapped
+    except Exception as e:  # RuntimeError / UnpicklingError / EOFError: truncated or not a torch file
+        raise WeightFileError(f"{path}: cannot load torch file ({type(e).__name__}: {e})") from e
+
+
 class TorchReader:
     def __init__(self, path: pathlib.Path):
-        try:
-            import torch
-        except ImportError as e:
-            raise WeightFileError(
-                f"{path}: reading .bin/.pt files needs torch; install the extra: pip install 'rdt-jax[torch]'"
-            ) from e
+        import torch
+
         self.path = path
-        self._mapped = True
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise WeightFileError(f"{path}: cannot load torch file ({e})") from e
-            try:
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
-            except Exception as e2:  # truncated or not a torch file at all
-                raise WeightFileError(f"{path}: cannot load torch file ({type(e2).__name__}: {e2})") from e2
-            self._mapped = False
-        except Exception as e:
-            raise WeightFileError(f"{path}: cannot load torch file ({type(e).__name__}: {e})") from e
+        obj, self._mapped = load_torch_file(path)
         if isinstance(obj, dict) and "module" in obj and isinstance(obj["module"], dict):
             obj = obj["module"]  # DeepSpeed model-states file
         if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):

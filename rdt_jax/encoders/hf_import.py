@@ -26,7 +26,6 @@ import functools
 import json
 import pathlib
 import re
-import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -36,7 +35,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from rdt_jax.convert.weights_io import torch_to_numpy
+from rdt_jax.convert.weights_io import WeightFileError, load_torch_file, torch_to_numpy
 
 __all__ = [
     "CheckpointMismatchError",
@@ -161,13 +160,9 @@ class CheckpointReader:
                     begin, end = info["data_offsets"]
                     self._st_offsets[key] = (start, begin, end)
             else:
-                import torch  # only for .bin checkpoints
-
-                # weights_only: tensors and containers only, never arbitrary pickled objects. Memory-mapped
-                # when the file is torch's zip format; the legacy (pre-1.6) format cannot be, and is read whole.
                 try:
-                    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-                except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError for a bad file
+                    sd, _ = load_torch_file(path)
+                except WeightFileError as e:
                     raise CheckpointMismatchError(f"{path}: not a readable PyTorch state dict ({e})") from e
                 if not isinstance(sd, Mapping):
                     raise CheckpointMismatchError(f"{path}: expected a state dict, got {type(sd).__name__}")

@@ -51,14 +51,15 @@ class RunSetupError(ValueError):
     """The output directory holds another run (or one that cannot continue as asked); nothing was changed."""
 
 
-def check_finite(metrics: dict[str, float], step: int, last_good: str) -> None:
+def check_finite(metrics: dict[str, float], step: int, last_good: Callable[[], str]) -> None:
     """Raise :class:`NonFiniteLossError` if the step's loss or gradient norm is not finite (a finite loss
-    with a NaN gradient still writes NaN into the parameters)."""
+    with a NaN gradient still writes NaN into the parameters); ``last_good()`` names the last good checkpoint
+    (asked only then)."""
     if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
         return
     raise NonFiniteLossError(
         f"loss is {metrics['loss']} at step {step} (grad norm {metrics['grad_norm']}); stopping without saving. "
-        f"Last good checkpoint: {last_good}. Check the data for NaN/inf or lower the learning rate, then --resume.")
+        f"Last good checkpoint: {last_good()}. Check the data for NaN/inf or lower the learning rate, then --resume.")
 
 
 def _to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -103,6 +104,12 @@ def data_state_for(state: dict[str, Any], saved_processes: int, processes: int) 
     return {"next_index": consumed // processes}
 
 
+def _last_good(mngr) -> str:
+    mngr.wait_until_finished()  # a save in flight is the last good one
+    good = mngr.latest_step()
+    return f"step {good} in {mngr.directory}" if good is not None else "none (no checkpoint saved yet)"
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -118,8 +125,8 @@ def check_resumable(meta: dict[str, Any], rcfg: RDTConfig, cfg: TrainConfig, ste
         saved, now = _flat(saved), _flat(rcfg.to_official())
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         changes = ", ".join(f"{k}: {saved.get(k)} -> {now.get(k)}" for k in diff)
-        raise RunSetupError(f"{where} is of another model ({changes}); resume with the run's own preset and options, "
-                         "or give another --output-dir")
+        raise RunSetupError(f"{where} is of another model ({changes}); resume with the run's own preset and "
+                            "options, or give another --output-dir")
     if step > cfg.num_steps:
         raise RunSetupError(f"{where} is past --num-steps {cfg.num_steps}; give --num-steps >= {step} to continue")
     old, new = meta.get("train_config") or {}, _config_json(cfg)
@@ -192,7 +199,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     if existing is not None and not cfg.resume:
         # Orbax would skip every save at or below the old latest step: the new run would silently not be saved.
         raise RunSetupError(f"{mngr.directory} already holds checkpoints (latest step {existing}): pass --resume "
-                              "to continue that run, or give another --output-dir")
+                            "to continue that run, or give another --output-dir")
     latest = existing if cfg.resume else None
     if latest is not None:
         saved_meta = ckpt.restore_meta(mngr, latest)
@@ -283,11 +290,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t0
             step += 1
-            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                mngr.wait_until_finished()
-                good = mngr.latest_step()
-                check_finite(m, step, f"step {good} in {mngr.directory}" if good is not None
-                             else "none (no checkpoint saved yet)")
+            check_finite(m, step, lambda: _last_good(mngr))
             losses.append(m["loss"])
             m.update(step_time_s=dt, samples_per_s=cfg.batch_size / dt)
             if step % cfg.log.log_every == 0:

@@ -119,8 +119,6 @@ def make_image_encoder(cfg: ImageEncoderConfig, seed: int = 0, mesh: Mesh | None
         if mesh is not None:
             shard = make_sharding_fn(mesh, SIGLIP_SHARDING_RULES)
             out_sh = jax.tree.map(shard, nnx.state(abstract), is_leaf=lambda x: isinstance(x, nnx.Variable))
-            out_sh = jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, out_sh,
-                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
         params = jax.jit(lambda: nnx.state(make()), out_shardings=out_sh)()
         return ImageEncoder(graphdef, params, vcfg.num_patches, vcfg.hidden_size, vcfg.image_size)
     elif cfg.kind == "siglip":

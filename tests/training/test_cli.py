@@ -205,9 +205,9 @@ def test_resume_and_init_from_guard_against_the_wrong_run(tmp_path):
 
 
 def test_finite_loss_with_nan_gradients_also_stops():
-    check_finite({"loss": 0.5, "grad_norm": 1.0}, 3, "step 2")  # a healthy step passes
+    check_finite({"loss": 0.5, "grad_norm": 1.0}, 3, lambda: "step 2")  # a healthy step passes
     with pytest.raises(NonFiniteLossError, match=r"loss is 0.5 at step 3 \(grad norm nan\).*step 2"):
-        check_finite({"loss": 0.5, "grad_norm": float("nan")}, 3, "step 2")
+        check_finite({"loss": 0.5, "grad_norm": float("nan")}, 3, lambda: "step 2")
 
 
 WORKER = r'''

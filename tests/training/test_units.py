@@ -219,3 +219,14 @@ def test_unsharded_fraction_flags_fsdp_sizes_that_do_not_divide():
     kernel_share = 4096 * 2048 / (4096 * 2048 + 2048)
     assert unsharded_fraction(tree, six) == pytest.approx(kernel_share)  # 6 divides neither 4096 nor 2048
     assert unsharded_fraction(tree, four) == 0.0  # the bias is replicated by rule, not by fallback
+
+
+def test_training_image_encoder_is_laid_out_by_its_axis_rules():
+    """The frozen SigLIP of the train step follows SIGLIP_SHARDING_RULES (width over fsdp), not replication."""
+    from rdt_jax.training.config import PRESETS
+    from rdt_jax.training.train_step import make_image_encoder
+
+    enc = make_image_encoder(PRESETS["debug"]().image_encoder, 0, make_mesh(MeshConfig(data=2, fsdp=4)))
+    fc1 = enc.params["layers"][0]["fc1_kernel"][...]
+    assert fc1.sharding.spec == PartitionSpec("fsdp", None)
+    assert {s.data.shape for s in fc1.addressable_shards} == {(fc1.shape[0] // 4, fc1.shape[1])}
