@@ -3,7 +3,7 @@
 
 Conditioning has the official sizes but comes as precomputed features (no SigLIP / T5 in the step):
 32 language tokens x 4096 and 4374 image tokens x 1152 per sample, 64 x 128 actions. Each case runs in
-its own subprocess so its peak RSS is its own. AdamW (fp32 moments unless --mu-dtype bfloat16),
+its own subprocess so its peak RSS is its own. AdamW (fp32 moments unless --mu-dtype / --nu-dtype bfloat16),
 clipping on, EMA off (the official 20.2 GiB reference keeps a bf16 EMA; ours would add 4.9 GB fp32),
 buffer donation on.
 
@@ -52,7 +52,8 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / min(ts)
 
 
-def run_case(case: str, steps: int, mu_dtype: str, layer_layout: str = "stacked", turns: Turns | None = None) -> dict:
+def run_case(case: str, steps: int, mu_dtype: str, nu_dtype: str = "float32", layer_layout: str = "stacked",
+             turns: Turns | None = None) -> dict:
     import jax
     import numpy as np
 
@@ -72,7 +73,7 @@ def run_case(case: str, steps: int, mu_dtype: str, layer_layout: str = "stacked"
     name, b, dtype, remat = case.split(":")
     b = int(b)
     rcfg = PRESETS[name](param_dtype="float32", dtype=dtype, remat=remat)
-    tx, schedule = make_optimizer(OptimConfig(mu_dtype=mu_dtype), 1000)
+    tx, schedule = make_optimizer(OptimConfig(mu_dtype=mu_dtype, nu_dtype=nu_dtype), 1000)
     mesh = make_mesh(MeshConfig(data=1, fsdp=1), jax.devices()[:1])
     rng = np.random.default_rng(0)
     batch = {
@@ -112,8 +113,8 @@ def run_case(case: str, steps: int, mu_dtype: str, layer_layout: str = "stacked"
         peak = matmul_peak("float32" if dtype == "float32" else "bfloat16")
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     return {"case": case, "params": n_params, "batch": b, "compute_dtype": dtype, "remat": remat,
-            "mu_dtype": mu_dtype, "layer_layout": layer_layout, "step_s_median": med, "step_times": times,
-            "compile_s": compile_s,
+            "mu_dtype": mu_dtype, "nu_dtype": nu_dtype, "layer_layout": layer_layout, "step_s_median": med,
+            "step_times": times, "compile_s": compile_s,
             "flops": flops, "matmul_peak_flops": peak, "utilisation": flops / med / peak,
             "loss": float(m["loss"]), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -123,6 +124,7 @@ def main() -> int:
     ap.add_argument("--case", action="append", help="model:batch:compute_dtype:remat (repeatable)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--mu-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--nu-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--layer-layout", default="stacked", choices=["auto", "stacked", "per_layer"],
                     help="how the step runs the blocks (auto: per_layer on CPU)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -133,13 +135,13 @@ def main() -> int:
     a = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if a.one:
-        result = run_case(a.case[0], a.steps, a.mu_dtype, a.layer_layout, Turns(a.turns))
+        result = run_case(a.case[0], a.steps, a.mu_dtype, a.nu_dtype, a.layer_layout, Turns(a.turns))
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     rows = []
     for case in a.case or CASES:
         cmd = [sys.executable, __file__, "--one", "--case", case, "--steps", str(a.steps), "--mu-dtype", a.mu_dtype,
-               "--layer-layout", a.layer_layout]
+               "--nu-dtype", a.nu_dtype, "--layer-layout", a.layer_layout]
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = [s for s in p.stdout.splitlines() if s.startswith("RESULT ")]
         if p.returncode or not line:
@@ -153,7 +155,7 @@ def main() -> int:
                 f.write(json.dumps(r) + "\n")
         print(json.dumps(r), file=sys.stderr, flush=True)
     print("| case (model:batch:compute:remat) | step s (median) | official here s | speed-up | peak RSS GB | "
-          "RSS / 16 B-per-param floor | GFLOP/step | util. vs matmul peak | compile s |")
+          "RSS / floor (params, grads, moments) | GFLOP/step | util. vs matmul peak | compile s |")
     print("|---|---|---|---|---|---|---|---|---|")
     official = OFFICIAL_HERE
     if a.official:
@@ -168,7 +170,8 @@ def main() -> int:
         ref = official.get((name, r["batch"]))
         sp = f"{ref / r['step_s_median']:.2f}x" if ref else ""
         rss = r["peak_rss_gib"] * 2**30
-        floor = FLOOR_BYTES_PER_PARAM * r["params"]
+        moment_bytes = sum(2 if r.get(k) == "bfloat16" else 4 for k in ("mu_dtype", "nu_dtype"))
+        floor = (FLOOR_BYTES_PER_PARAM - 8 + moment_bytes) * r["params"]
         print(f"| {r['case']} | {r['step_s_median']:.2f} | {ref or '-'} | {sp} | {rss / 1e9:.2f} | {rss / floor:.3f} | "
               f"{r['flops'] / 1e9:.0f} | {100 * r['utilisation']:.0f}% of {r['matmul_peak_flops'] / 1e9:.0f} "
               f"GFLOP/s | {r['compile_s']:.0f} |")

@@ -114,7 +114,10 @@ class OptimConfig:
     weight_decay: float = 1e-2  # on every parameter, as officially
     # The official DeepSpeed runs clip nothing (TRAINING.md §3); we clip at the flag's value. 0 = off.
     max_grad_norm: float = 1.0
-    mu_dtype: Literal["float32", "bfloat16"] = "float32"  # first AdamW moment; bf16 saves memory
+    # Storage of the AdamW moments between steps (updates are computed in float32). bfloat16 saves 2 bytes
+    # per parameter each and is rounded stochastically (see optimizer.py).
+    mu_dtype: Literal["float32", "bfloat16"] = "float32"
+    nu_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -293,3 +293,19 @@ def test_two_process_run_exports_and_resumes_on_one_process(tmp_path):
     cfg = cfg.replace(log=cfg.log.__class__(progress_bar=False, tensorboard=False))
     summary = train(cfg)
     assert (summary["start_step"], summary["final_step"]) == (2, 3) and np.isfinite(summary["losses"]).all()
+
+
+def test_bf16_adam_moments_resume_exactly(tmp_path):
+    """Moments stored in bfloat16 (stochastic rounding keyed by the step) are checkpointed as bfloat16,
+    and a stop + resume continues bit-exactly."""
+    base = PRESETS["debug"]().replace(num_steps=6, checkpoint=CheckpointConfig(save_every=2, max_to_keep=1))
+    base = base.replace(log=base.log.__class__(progress_bar=False, tensorboard=False),
+                        optim=dataclasses.replace(base.optim, mu_dtype="bfloat16", nu_dtype="bfloat16"))
+    train(base.replace(output_dir=str(tmp_path / "ref")))
+    train(base.replace(output_dir=str(tmp_path / "run"), num_steps=4))
+    train(base.replace(output_dir=str(tmp_path / "run"), resume=True))
+    ref, got = _ckpt_state(tmp_path / "ref", 6), _ckpt_state(tmp_path / "run", 6)
+    adam = got["opt_state"][1][0]
+    assert {x.dtype for x in jax.tree.leaves((adam["mu"], adam["nu"]))} == {np.dtype("bfloat16")}
+    _assert_same_tree(got, ref)
+    assert dict(_losses(tmp_path / "run")) == dict(_losses(tmp_path / "ref"))
