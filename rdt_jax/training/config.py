@@ -109,8 +109,11 @@ class OptimConfig:
     # and resume it to the end on the same schedule.
     decay_steps: int | None = None
     b1: float = 0.9
+    """AdamW beta1."""
     b2: float = 0.999
+    """AdamW beta2."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     weight_decay: float = 1e-2  # on every parameter, as officially
     # The official DeepSpeed runs clip nothing (TRAINING.md §3); we clip at the flag's value. 0 = off.
     max_grad_norm: float = 1.0
@@ -129,7 +132,9 @@ class MeshConfig:
     # Multi-host: set coordinator ("host:port") to call jax.distributed.initialize.
     coordinator: str | None = None
     num_processes: int | None = None
+    """With --mesh.coordinator: the number of processes (None: from the cluster environment)."""
     process_id: int | None = None
+    """With --mesh.coordinator: this process's index (None: from the cluster environment)."""
 
     def __post_init__(self) -> None:
         for name in ("data", "fsdp"):
@@ -174,6 +179,13 @@ class ValidationConfig:
     plot: bool = True
     at_start: bool = False  # also validate the initial weights (step 0) of a fresh run, as a baseline
 
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"validation.every must be >= 0 (0 = never), got {self.every}")
+        if self.batch_size < 1 or self.num_batches < 1:
+            raise ValueError(f"validation.batch_size and validation.num_batches must be >= 1, got "
+                             f"{self.batch_size} and {self.num_batches} (turn validation off with every=0)")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -198,6 +210,8 @@ class TrainConfig:
     export: bool = True  # write the inference layout (config.json + params/ + ema/) at the end
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(f"batch_size and grad_accum must be >= 1, got {self.batch_size} and {self.grad_accum}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if self.num_steps < 0:

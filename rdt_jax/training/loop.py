@@ -130,6 +130,14 @@ def check_resumable(meta: dict[str, Any], rcfg: RDTConfig, cfg: TrainConfig, ste
     if step > cfg.num_steps:
         raise RunSetupError(f"{where} is past --num-steps {cfg.num_steps}; give --num-steps >= {step} to continue")
     old, new = meta.get("train_config") or {}, _config_json(cfg)
+    # These change the saved state's tree (an EMA; the clipping entry of the optimiser state).
+    was_clipping = old.get("optim", {}).get("max_grad_norm", 0) > 0 if "optim" in old else None
+    clipping = cfg.optim.max_grad_norm > 0
+    for name, before, now in (("ema_enabled", old.get("ema_enabled"), cfg.ema_enabled),
+                              ("gradient clipping (optim.max_grad_norm > 0)", was_clipping, clipping)):
+        if before is not None and before != now:
+            raise RunSetupError(f"{where} was saved with {name} {before}; it cannot be resumed with {now}. Resume "
+                                "with the run's setting, or start a new run from it with --model.init-from")
     changed = [k for k in _RESUME_SETTINGS if k in old and old[k] != new.get(k)]
     if cfg.optim.schedule == "cosine" and cfg.optim.decay_steps is None and old.get("num_steps") != cfg.num_steps:
         changed.append("num_steps (the cosine schedule's length; fix it with --optim.decay-steps)")
@@ -147,12 +155,12 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     mesh = make_mesh(cfg.mesh)
     nproc, is_main = jax.process_count(), jax.process_index() == 0
     n_dev = mesh.devices.size
-    checked = [("batch_size", cfg.batch_size // cfg.grad_accum)]
+    checked = [("batch_size (per micro-batch)", cfg.batch_size // cfg.grad_accum)]
     if cfg.validation.every > 0:
         checked.append(("validation.batch_size", cfg.validation.batch_size))
     for name, b in checked:
         if b % n_dev or b % nproc:
-            raise ValueError(f"{name} (per micro-batch) {b} must be divisible by the {n_dev} devices")
+            raise ValueError(f"{name} {b} must be divisible by the {n_dev} devices")
     out = pathlib.Path(cfg.output_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -293,7 +301,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
             check_finite(m, step, lambda: _last_good(mngr))
             losses.append(m["loss"])
             m.update(step_time_s=dt, samples_per_s=cfg.batch_size / dt)
-            if step % cfg.log.log_every == 0:
+            if step % cfg.log.log_every == 0 or step == cfg.num_steps:
                 writer.write(step, m)
             if pbar is not None:
                 pbar.update(1)

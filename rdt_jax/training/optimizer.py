@@ -111,7 +111,8 @@ def store_moments(
 
     def update(updates, state, params=None):
         wide = state._replace(mu=cast(state.mu, jnp.float32), nu=cast(state.nu, jnp.float32))
-        updates, new = adam.update(updates, wide, params)
+        # bf16 gradients (of bf16 params) too: optax would square and scale them in bf16.
+        updates, new = adam.update(cast(updates, jnp.float32), wide, params)
         seed = new.count.astype(jnp.uint32) * jnp.uint32(2)
         return updates, new._replace(mu=store(new.mu, mu_dtype, seed), nu=store(new.nu, nu_dtype, seed + 1))
 
@@ -119,10 +120,9 @@ def store_moments(
 
 
 def make_adamw(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """optax's AdamW (same chain, same state tree), its moments stored as ``cfg`` asks."""
+    """optax's AdamW (same chain, same state tree), its moments stored as ``cfg`` asks whatever the
+    parameters' dtype (optax alone keeps the second moment in it: bf16 params would freeze it)."""
     mu_dtype, nu_dtype = jnp.dtype(cfg.mu_dtype), jnp.dtype(cfg.nu_dtype)
-    if mu_dtype == jnp.float32 and nu_dtype == jnp.float32:
-        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     return optax.chain(
         store_moments(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps), mu_dtype, nu_dtype),
         optax.add_decayed_weights(cfg.weight_decay),

@@ -194,6 +194,11 @@ def test_resume_and_init_from_guard_against_the_wrong_run(tmp_path):
         train(other)
     with pytest.raises(ValueError, match=r"checkpoint 2 is past --num-steps 1"):
         train(base.replace(resume=True, num_steps=1))
+    # Toggling the EMA or clipping changes the saved state's tree: refused before Orbax fails on it.
+    with pytest.raises(RunSetupError, match=r"saved with ema_enabled True; it cannot be resumed with False"):
+        train(base.replace(resume=True, num_steps=4, ema_enabled=False))
+    with pytest.raises(RunSetupError, match=r"saved with gradient clipping .* True; it cannot be resumed with False"):
+        train(base.replace(resume=True, num_steps=4, optim=dataclasses.replace(base.optim, max_grad_norm=0.0)))
     with pytest.raises(ValueError, match=r"holds a model with depth 2 \(asked: 3\)"):
         rdt_config(dataclasses.replace(base.model, depth=3, init_from=str(tmp_path)), img_cond_len=24,
                    max_lang_len=8)
@@ -299,7 +304,7 @@ def test_bf16_adam_moments_resume_exactly(tmp_path):
     """Moments stored in bfloat16 (stochastic rounding keyed by the step) are checkpointed as bfloat16,
     and a stop + resume continues bit-exactly."""
     base = PRESETS["debug"]().replace(num_steps=6, checkpoint=CheckpointConfig(save_every=2, max_to_keep=1))
-    base = base.replace(log=base.log.__class__(progress_bar=False, tensorboard=False),
+    base = base.replace(log=base.log.__class__(progress_bar=False, tensorboard=False, log_every=4),
                         optim=dataclasses.replace(base.optim, mu_dtype="bfloat16", nu_dtype="bfloat16"))
     train(base.replace(output_dir=str(tmp_path / "ref")))
     train(base.replace(output_dir=str(tmp_path / "run"), num_steps=4))
@@ -308,4 +313,6 @@ def test_bf16_adam_moments_resume_exactly(tmp_path):
     adam = got["opt_state"][1][0]
     assert {x.dtype for x in jax.tree.leaves((adam["mu"], adam["nu"]))} == {np.dtype("bfloat16")}
     _assert_same_tree(got, ref)
+    # Logged every 4 steps and at each leg's last step.
     assert dict(_losses(tmp_path / "run")) == dict(_losses(tmp_path / "ref"))
+    assert [s for s, _ in _losses(tmp_path / "ref")] == [4, 6]

@@ -112,3 +112,15 @@ def test_bf16_moments_are_deterministic():
     b = _run(OptimConfig(nu_dtype="bfloat16"), grads)
     np.testing.assert_array_equal(np.asarray(a.nu["w"]), np.asarray(b.nu["w"]))
     assert a.mu["w"].dtype == jnp.float32
+
+
+def test_bf16_params_keep_float32_moments_when_asked():
+    """optax alone keeps nu in the parameters' dtype; bf16 master weights must not imply bf16 moments."""
+    tx, _ = make_optimizer(OptimConfig(max_grad_norm=0.0), 100)
+    params = {"w": jnp.zeros((4,), jnp.bfloat16)}
+    state = tx.init(params)
+    adam = state[0]
+    assert adam.mu["w"].dtype == jnp.float32 and adam.nu["w"].dtype == jnp.float32
+    _, state = tx.update({"w": jnp.ones((4,), jnp.bfloat16)}, state, params)
+    assert state[0].nu["w"].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(state[0].nu["w"]), 1e-3, rtol=1e-4)  # (1 - b2) in float32

@@ -121,6 +121,15 @@ def test_step_intervals_must_be_positive():
         LogConfig(log_every=0)
     with pytest.raises(ValueError, match=r"mesh\.data must be -1 .* or >= 1, got 0"):
         MeshConfig(data=0)
+    from rdt_jax.training.config import TrainConfig, ValidationConfig
+
+    for bad in (dict(grad_accum=0), dict(grad_accum=-2), dict(batch_size=0)):
+        with pytest.raises(ValueError, match="batch_size and grad_accum must be >= 1"):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match=r"validation\.batch_size and validation\.num_batches must be >= 1"):
+        ValidationConfig(num_batches=0)
+    with pytest.raises(ValueError, match=r"validation.every must be >= 0"):
+        ValidationConfig(every=-1)
 
 
 def test_sharding_rules():
