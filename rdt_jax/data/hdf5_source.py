@@ -317,7 +317,10 @@ class HDF5Source:
             st = os.stat(path)
             key = [st.st_size, st.st_mtime_ns]
             hit = cached.get(path)
-            if hit is not None and hit["stat"] == key:
+            # A cached error is only reused by a source that skips bad episodes; a strict one re-scans
+            # the file and raises its error.
+            reusable = hit is not None and (self.skip_bad_episodes or not str(hit["skip"]).startswith("error:"))
+            if reusable and hit["stat"] == key:
                 entry = hit
             else:
                 try:
@@ -439,19 +442,33 @@ class HDF5Source:
         ep = self.episodes[e]
         return e, int(rng.integers(ep.first_idx - 1, ep.num_steps))
 
+    def instructions(self) -> list[tuple[str, str, str | None]]:
+        """Every instruction the episodes can draw: (instruction file, text, embedding file or None)."""
+        out = []
+        for d, content in self._instructions.items():
+            jpath = os.path.join(d, self.robot.instruction_file)
+            for k in self.robot.instruction_keys:
+                v = content[k]
+                for text in (v if isinstance(v, list) else [v]):
+                    out.append((jpath, text, self._embedding_path(d, text)))
+        return out
+
+    @staticmethod
+    def _embedding_path(episode_dir: str, text: str) -> str | None:
+        # Precomputed embeddings: the entry is a file path (a trailing "." from the TF
+        # pipeline's capitalisation helper is dropped, as officially).
+        cand = text[:-1] if text.endswith(".") else text
+        if cand.endswith((".pt", ".safetensors")):
+            return cand if os.path.isabs(cand) else os.path.join(episode_dir, cand)
+        return None
+
     def _instruction(self, path: str, rng: np.random.Generator) -> tuple[str, str | None]:
         if not self.load_instructions:
             raise RuntimeError(f"{self.dataset_name}: source built with load_instructions=False cannot sample")
         content = self._instructions[os.path.dirname(path)]
         v = content[self.robot.instruction_keys[int(rng.integers(len(self.robot.instruction_keys)))]]
         text = v[int(rng.integers(len(v)))] if isinstance(v, list) else v
-        # Precomputed embeddings: the entry is a file path (a trailing "." from the TF
-        # pipeline's capitalisation helper is dropped, as officially).
-        cand = text[:-1] if text.endswith(".") else text
-        if cand.endswith((".pt", ".safetensors")):
-            p = cand if os.path.isabs(cand) else os.path.join(os.path.dirname(path), cand)
-            return text, p
-        return text, None
+        return text, self._embedding_path(os.path.dirname(path), text)
 
     def get(self, index: int, rng: np.random.Generator) -> RawSample:
         del index  # HDF5 sampling is random like the official loader; rng carries (seed, index)

@@ -67,6 +67,7 @@ class DataConfig:
     kind: Literal["demo", "hdf5", "rlds"] = "hdf5"
     hdf5_dir: str | None = None
     robot: str = "aloha_agilex"
+    """Robot config for hdf5 data: a name under configs/robots/ or a path to a robot JSON."""
     rlds_dirs: tuple[str, ...] = ()
     weights_file: str | None = None  # {dataset: weight} JSON (pretrain_sample_weights.json)
     # "per_episode": the weights are shares of episode visits, as the official pretraining (DATA.md §5.2);
@@ -93,6 +94,17 @@ class DataConfig:
     # Validation episodes of the same tasks from unseen start poses (0: validate on the training episodes,
     # as the official code does, TRAINING.md §5).
     demo_val_episodes: int = 0
+
+    def __post_init__(self) -> None:
+        # A data option of another kind would be ignored silently (e.g. the debug preset's demo data
+        # trained on instead of --data.hdf5-dir): refuse it.
+        ignored = {"demo": ("hdf5_dir", "rlds_dirs"), "hdf5": ("rlds_dirs",), "rlds": ("hdf5_dir",)}[self.kind]
+        given = [f"--data.{n.replace('_', '-')}" for n in ignored if getattr(self, n)]
+        if self.kind == "demo" and self.robot != "aloha_agilex":
+            given.append("--data.robot")
+        if given:
+            raise ValueError(f"data.kind is {self.kind!r}, which does not use {', '.join(given)}; "
+                             "set --data.kind to the kind of data you give")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -28,6 +29,25 @@ from rdt_jax.data.transform import SampleTransform, TransformConfig
 from rdt_jax.training.config import DataConfig
 
 DEMO_LANG_LEN = 5
+
+
+def check_instruction_embeddings(src: HDF5Source, store: language.EmbeddingStore | None) -> None:
+    """Every instruction of every episode has its embedding, checked before training rather than when a
+    batch first draws it (possibly hours in)."""
+    missing = []
+    for jpath, text, path in src.instructions():
+        if path is not None:
+            if not os.path.isfile(path):
+                missing.append(f"{jpath}: embedding file {path} not found")
+        elif store is None:
+            missing.append(f"{jpath}: instruction {text!r} is text and no --data.lang-embed-dir is given")
+        elif not store.path(text).is_file():
+            missing.append(f"{jpath}: instruction {text!r} has no embedding in {store.directory} "
+                           f"(expected {store.path(text).name}; encode it with scripts/encode_lang.py --store-dir)")
+    if missing:
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        listed = "\n  ".join(missing[:10])
+        raise FileNotFoundError(f"{len(missing)} instruction embedding(s) missing:\n  {listed}{more}")
 
 
 def demo_robot(cfg: DataConfig, horizon: int) -> RobotConfig:
@@ -181,6 +201,9 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
     ids = {n: names.index(n) for n in sources}
     means = stats.state_means(used_stats)
     store = language.EmbeddingStore(cfg.lang_embed_dir) if cfg.lang_embed_dir else None
+    for src in {**sources, **(val_sources or {})}.values():
+        if isinstance(src, HDF5Source):
+            check_instruction_embeddings(src, store)
 
     def pipeline(batch: int, tcfg: TransformConfig, pseed: int, sources=sources):
         bcfg = BatchConfig(batch_size=batch, image_size=image_size, max_lang_len=cfg.max_lang_len, horizon=horizon,

@@ -220,6 +220,19 @@ def test_short_and_bad_skipped_and_counted(tmp_path, small_robot):
         assert src.get(i, np.random.default_rng(i)).episode_id.endswith("good.hdf5")
 
 
+def test_cached_errors_do_not_make_a_strict_source_skip(tmp_path, small_robot):
+    """An index cache written by a skipping scan (compute_stats --skip-bad) holds error entries; a strict
+    source reading the same cache still raises the file's error instead of skipping it."""
+    _good(tmp_path, "good.hdf5")
+    (tmp_path / "broken.hdf5").write_bytes(b"not an hdf5 file")
+    cache = tmp_path / "index.json"
+    HDF5Source(tmp_path, small_robot, skip_bad_episodes=True, index_cache=cache)
+    with pytest.raises(EpisodeError, match=r"broken\.hdf5.*cannot open"):
+        HDF5Source(tmp_path, small_robot, index_cache=cache)
+    again = HDF5Source(tmp_path, small_robot, skip_bad_episodes=True, index_cache=cache)
+    assert again.report.counts() == {"error": 1}
+
+
 def test_never_moving_is_an_error(tmp_path, small_robot):
     write_instructions(tmp_path)
     still = np.zeros((130, 14), np.float32)

@@ -239,3 +239,15 @@ def test_training_image_encoder_is_laid_out_by_its_axis_rules():
     fc1 = enc.params["layers"][0]["fc1_kernel"][...]
     assert fc1.sharding.spec == PartitionSpec("fsdp", None)
     assert {s.data.shape for s in fc1.addressable_shards} == {(fc1.shape[0] // 4, fc1.shape[1])}
+
+
+def test_data_options_of_another_kind_are_refused():
+    from rdt_jax.training.config import DataConfig
+
+    with pytest.raises(ValueError, match=r"data.kind is 'demo', which does not use --data.hdf5-dir"):
+        DataConfig(kind="demo", hdf5_dir="my_episodes")
+    with pytest.raises(ValueError, match=r"does not use --data.robot"):
+        DataConfig(kind="demo", robot="my_robot.json")
+    with pytest.raises(ValueError, match=r"'hdf5', which does not use --data.rlds-dirs"):
+        DataConfig(kind="hdf5", rlds_dirs=("a",))
+    DataConfig(kind="hdf5", hdf5_dir="my_episodes", robot="my_robot.json")  # fine

@@ -1,0 +1,46 @@
+"""The training data bundle: instruction embeddings are checked before training starts."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from rdt_jax.data import language
+from rdt_jax.training.config import DataConfig
+from rdt_jax.training.data import build_data, demo_robot, write_demo_dataset
+
+
+def test_missing_instruction_embeddings_are_found_before_training(tmp_path):
+    demo = DataConfig(kind="demo", demo_episodes=3, demo_episode_len=24, demo_image_size=16)
+    robot = demo_robot(demo, horizon=8)
+    root = write_demo_dataset(tmp_path / "episodes", demo, robot)
+    robot_json = tmp_path / "robot.json"
+    robot_json.write_text(json.dumps(robot.to_json_dict()))
+    keys = robot.instruction_keys
+    # Episode 1's instructions are text (looked up in the store), episode 2 names a file that does not exist.
+    (root / "episode_001" / robot.instruction_file).write_text(json.dumps({k: ["pick the cup"] for k in keys}))
+    (root / "episode_002" / robot.instruction_file).write_text(json.dumps({k: "gone.pt" for k in keys}))
+    store = language.EmbeddingStore(tmp_path / "store")
+    for run in ("run", "run2"):
+        (tmp_path / run).mkdir()
+    cfg = DataConfig(kind="hdf5", hdf5_dir=str(root), robot=str(robot_json), lang_embed_dir=str(store.directory),
+                     num_threads=1, prefetch=2)
+    build = lambda: build_data(cfg, output_dir=str(tmp_path / "run"), local_batch=2, local_sample_batch=0,
+                               image_size=16, horizon=8, seed=0)
+    with pytest.raises(FileNotFoundError) as err:
+        build()
+    msg = str(err.value)
+    assert msg.startswith(f"{2 * len(keys)} instruction embedding(s) missing")
+    assert f"episode_001/{robot.instruction_file}: instruction 'pick the cup' has no embedding in" in msg
+    assert f"episode_002/{robot.instruction_file}: embedding file {root / 'episode_002' / 'gone.pt'} not found" in msg
+    with pytest.raises(FileNotFoundError, match=r"is text and no --data\.lang-embed-dir is given"):
+        build_data(dataclasses.replace(cfg, lang_embed_dir=None), output_dir=str(tmp_path / "run2"), local_batch=2,
+                   local_sample_batch=0, image_size=16, horizon=8, seed=0)
+
+    store.put("pick the cup", np.zeros((5, language.LANG_DIM), np.float32))
+    (root / "episode_002" / robot.instruction_file).write_text(json.dumps({k: "lang.safetensors" for k in keys}))
+    language.save_embedding(root / "episode_002" / "lang.safetensors", np.ones((3, language.LANG_DIM), np.float32),
+                            "task")
+    batch = next(iter(build().train))
+    assert batch["lang_embeds"].shape[0] == 2
