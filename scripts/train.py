@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own variable wins
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+    from rdt_jax.data.hdf5_source import EpisodeError
     from rdt_jax.training.loop import NonFiniteLossError, RunSetupError, train
 
     try:
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"[rdt-jax] ERROR: {e}", file=sys.stderr, flush=True)
         return 3
-    except (RunSetupError, FileNotFoundError) as e:  # another run's directory; a missing data/weights path
+    # Another run's directory; a missing data/weights path; a corrupt episode (its message names the file).
+    except (RunSetupError, FileNotFoundError, EpisodeError) as e:
         print(f"[rdt-jax] ERROR: {e}", file=sys.stderr, flush=True)
         return 2
     if jax.process_index() == 0:

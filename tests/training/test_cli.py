@@ -316,3 +316,13 @@ def test_bf16_adam_moments_resume_exactly(tmp_path):
     # Logged every 4 steps and at each leg's last step.
     assert dict(_losses(tmp_path / "run")) == dict(_losses(tmp_path / "ref"))
     assert [s for s, _ in _losses(tmp_path / "ref")] == [4, 6]
+
+
+def test_corrupt_episode_is_a_one_line_error(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "e.hdf5").write_bytes(b"junk")
+    p = subprocess.run(_cmd(tmp_path / "run", "--data.kind", "hdf5", "--data.hdf5-dir", str(tmp_path / "data")),
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env=ENV)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"[rdt-jax] ERROR: {tmp_path / 'data' / 'e.hdf5'}: cannot open HDF5 file" in p.stderr
+    assert "Traceback" not in p.stderr
