@@ -37,6 +37,11 @@ def _normalisation_lut() -> np.ndarray:
 _LUT = _normalisation_lut()
 
 
+def normalisation_table() -> np.ndarray:
+    """(256,) float32: the SigLIP input value of each uint8 pixel value (what `normalize` looks up)."""
+    return _LUT.reshape(256).copy()
+
+
 def pad_to_square(img: np.ndarray, fill: tuple[int, int, int] = PAD_VALUE) -> np.ndarray:
     """Centre `img` (H, W, 3) on a square canvas of side max(H, W) (PIL paste offsets)."""
     if img.ndim != 3 or img.shape[-1] != 3:

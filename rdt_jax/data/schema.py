@@ -106,7 +106,8 @@ class ArraySpec:
 @dataclasses.dataclass(frozen=True)
 class BatchConfig:
     """Fixed shapes of a batch. `image_dtype=uint8` keeps the resized (…, 3, S, S) pixels and
-    leaves `x/127.5 − 1` to the device (exact: the PIL resize of a uint8 image is uint8)."""
+    leaves the normalisation (the same 256-entry table, `image_transform.normalisation_table`) to the
+    device (exact: the PIL resize of a uint8 image is uint8)."""
 
     batch_size: int
     image_size: int = 384

@@ -94,7 +94,11 @@ class ImageEncoder:
         from rdt_jax.encoders.image_encoding import encode_images
 
         if images.dtype == jnp.uint8:  # the pipeline may ship uint8 pixels: normalise on the device
-            images = images.astype(jnp.float32) / 127.5 - 1.0
+            from rdt_jax.data.image_transform import normalisation_table
+
+            # The host's table (transformers' rescale + normalise per value), not x/127.5 - 1, which
+            # differs from it by an ulp for most values: training and serving see identical inputs.
+            images = jnp.asarray(normalisation_table())[images.astype(jnp.int32)]
         return encode_images(nnx.merge(self.graphdef, params), images, channels_last=False)
 
 

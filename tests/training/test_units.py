@@ -241,6 +241,22 @@ def test_training_image_encoder_is_laid_out_by_its_axis_rules():
     assert {s.data.shape for s in fc1.addressable_shards} == {(fc1.shape[0] // 4, fc1.shape[1])}
 
 
+def test_training_encoder_normalises_uint8_pixels_as_the_host_does():
+    """uint8 batches are normalised on the device with the host's table: the same image tokens as from the
+    float32 values serving computes (image_transform.normalize), bit for bit."""
+    from rdt_jax.data.image_transform import normalize
+    from rdt_jax.training.config import PRESETS
+    from rdt_jax.training.train_step import make_image_encoder
+
+    enc = make_image_encoder(PRESETS["debug"]().image_encoder, 0)
+    s = enc.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 6, 3, s, s), dtype=np.uint8)
+    host = normalize(pixels)
+    a = enc.encode(enc.params, jnp.asarray(pixels))
+    b = enc.encode(enc.params, jnp.asarray(host))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_data_options_of_another_kind_are_refused():
     from rdt_jax.training.config import DataConfig
 
