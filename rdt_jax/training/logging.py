@@ -31,15 +31,40 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def _trim_jsonl(path: pathlib.Path, last_step: int) -> None:
+    """Keep the rows of steps <= ``last_step`` (a resumed run logs the later ones again) and drop a row
+    cut short by a kill."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= last_step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+
+
 class MetricWriter:
     def __init__(self, output_dir: str | pathlib.Path, cfg: LogConfig, run_config: dict[str, Any],
-                 *, enabled: bool = True):
+                 *, enabled: bool = True, resumed_step: int | None = None):
+        """``resumed_step``: the checkpoint step a resumed run continues from (rows after it are dropped, the
+        run writes them again); None for a fresh run, which starts a new metrics.jsonl."""
         self.enabled = enabled
         self.dir = pathlib.Path(output_dir)
         self._tb = self._wandb = None
         if not enabled:
             return
-        self._jsonl = open(self.dir / "metrics.jsonl", "a")  # closed in close()
+        jsonl = self.dir / "metrics.jsonl"
+        if resumed_step is None:
+            jsonl.unlink(missing_ok=True)
+        else:
+            _trim_jsonl(jsonl, resumed_step)
+        self._jsonl = open(jsonl, "a")  # closed in close()
         if cfg.tensorboard:
             self._tb = _summary_writer_class()(str(self.dir / "tensorboard"))
         if cfg.wandb:

@@ -241,7 +241,8 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
                               grad_accum=cfg.grad_accum, ema_enabled=cfg.ema_enabled,
                               layer_layout=layout)
     sample_fn = make_sample_step(rcfg, mesh, encoder, cfg.validation.num_inference_steps, layer_layout=layout)
-    writer = MetricWriter(out, cfg.log, meta["train_config"], enabled=is_main)
+    writer = MetricWriter(out, cfg.log, meta["train_config"], enabled=is_main,
+                          resumed_step=start if latest is not None else None)
     pbar = None
     if is_main and cfg.log.progress_bar:
         from tqdm import tqdm
