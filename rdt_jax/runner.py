@@ -13,10 +13,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from rdt_jax import host_memory
+from rdt_jax.checks import check_index_range
 from rdt_jax.convert.pretrained_dir import read_config, read_params
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layer_layout import stack_blocks, unstack_blocks
@@ -164,13 +164,8 @@ class RDTRunner:
                 timesteps = jax.random.randint(
                     k_t, (jnp.shape(action_gt)[0],), 0, self.config.noise_scheduler.num_train_timesteps
                 )
-        elif not isinstance(timesteps, jax.core.Tracer):
-            # Under jit an out-of-range step would index the noise tables clamped (PyTorch raises).
-            timesteps = np.asarray(timesteps)
-            num_t = self.config.noise_scheduler.num_train_timesteps
-            if timesteps.size and (timesteps.min() < 0 or timesteps.max() >= num_t):
-                raise ValueError(f"timesteps must lie in [0, {num_t}); got values in "
-                                 f"[{timesteps.min()}, {timesteps.max()}]")
+        else:  # under jit an out-of-range step would index the noise tables clamped (PyTorch raises)
+            timesteps = check_index_range("timesteps", timesteps, self.config.noise_scheduler.num_train_timesteps)
         return _loss(self.graphdef, self.state, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_gt,
                           action_mask, ctrl_freqs, noise, timesteps)
 

@@ -32,8 +32,9 @@ CASES = ["rdt-170m:2:float32:none", "rdt-170m:2:bfloat16:none", "rdt-1b:1:bfloat
 # The official code measured on this machine (BENCHMARKS.md, 2026-12-02): its best step, median s
 # (bf16 autocast for both models).
 OFFICIAL_HERE = {("rdt-170m", 2): 4.256, ("rdt-1b", 1): 16.861}  # (model, batch): s
-# rdt-1b memory floor of the issue: fp32 params, grads and both AdamW moments, 4 x 4 bytes per parameter.
-FLOOR_BYTES_PER_PARAM = 16
+# Memory floor: fp32 params and grads (8 bytes per parameter) plus the two AdamW moments (4 bytes each in
+# float32, the issue's 16 B/param floor; 2 in bfloat16).
+PARAM_AND_GRAD_BYTES = 8
 
 
 def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
@@ -171,7 +172,7 @@ def main() -> int:
         sp = f"{ref / r['step_s_median']:.2f}x" if ref else ""
         rss = r["peak_rss_gib"] * 2**30
         moment_bytes = sum(2 if r.get(k) == "bfloat16" else 4 for k in ("mu_dtype", "nu_dtype"))
-        floor = (FLOOR_BYTES_PER_PARAM - 8 + moment_bytes) * r["params"]
+        floor = (PARAM_AND_GRAD_BYTES + moment_bytes) * r["params"]
         print(f"| {r['case']} | {r['step_s_median']:.2f} | {ref or '-'} | {sp} | {rss / 1e9:.2f} | {rss / floor:.3f} | "
               f"{r['flops'] / 1e9:.0f} | {100 * r['utilisation']:.0f}% of {r['matmul_peak_flops'] / 1e9:.0f} "
               f"GFLOP/s | {r['compile_s']:.0f} |")

@@ -39,7 +39,7 @@ _LUT = _normalisation_lut()
 
 def normalisation_table() -> np.ndarray:
     """(256,) float32: the SigLIP input value of each uint8 pixel value (what `normalize` looks up)."""
-    return _LUT.reshape(256).copy()
+    return _LUT.copy()
 
 
 def pad_to_square(img: np.ndarray, fill: tuple[int, int, int] = PAD_VALUE) -> np.ndarray:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rdt_jax.checks import check_index_range
 from rdt_jax.encoders import _ops
 from rdt_jax.encoders.hf_import import (
     CheckpointMismatchError,
@@ -208,12 +209,8 @@ class T5Encoder(nnx.Module):
         """
         cfg, dt = self.cfg, self.dtype
         b, length = input_ids.shape
-        if not isinstance(input_ids, jax.core.Tracer):
-            # Outside jit, an out-of-range id is an error (as in PyTorch); under jit, jnp.take would fill NaN.
-            ids = np.asarray(input_ids)
-            if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-                raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}); got values in "
-                                 f"[{ids.min()}, {ids.max()}]")
+        # Outside jit, an out-of-range id is an error (as in PyTorch); under jit, jnp.take would fill NaN.
+        check_index_range("input_ids", input_ids, cfg.vocab_size)
         h, dk, eps = cfg.num_heads, cfg.d_kv, cfg.layer_norm_epsilon
         # The residual stream is carried feature-major, x (d_model, B, L), so that every dense
         # layer is ``W @ x`` with the torch-layout weight on the left (``_ops.dense_t``): 1.5-2x

@@ -74,8 +74,8 @@ def unsharded_fraction(tree: Any, mesh: Mesh) -> float:
         total += size
         path = path_str(p)
         wanted = [LOGICAL_TO_MESH.get(n) for n in logical_axes(path, len(x.shape)) if n]
-        if any(a is not None and mesh.shape.get(a, 1) > 1 for a in wanted if isinstance(a, str)) and \
-                spec_for(path, tuple(x.shape), mesh) == PartitionSpec(*([None] * len(x.shape))):
+        asks_sharding = any(isinstance(a, str) and mesh.shape.get(a, 1) > 1 for a in wanted)
+        if asks_sharding and all(d is None for d in spec_for(path, tuple(x.shape), mesh)):
             fallback += size
     return fallback / total if total else 0.0
 
