@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rdt_jax.model.bit_residuals import with_bit_residuals
 from rdt_jax.model.blocks import COND_KV_NAME, FinalLayer, RDTBlock, layer_slice, per_layer, stacked
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layers import TimestepEmbedder
@@ -165,8 +166,9 @@ class RDT(nnx.Module):
         n_pairs = cfg.num_img_blocks
         lang_gd, lang_state = nnx.split(layer_slice(self.lang_blocks, 0, n_pairs) if n_pairs else self.lang_blocks)
 
-        def pair(h, xs):
+        def pair(h, xs, conds):
             lang_state, img_state, kvs = xs
+            lc, ic, lang_mask = conds
             lang_kv = None if kvs is None else (kvs[0], kvs[1])
             img_kv = None if kvs is None else (kvs[2], kvs[3])
             h1 = nnx.merge(lang_gd, lang_state)(h, lc, lang_mask, lang_kv)
@@ -175,6 +177,9 @@ class RDT(nnx.Module):
 
         if cfg.remat != "none":
             pair = jax.checkpoint(pair, policy=_REMAT_POLICIES[cfg.remat])
+        # The conditions are arguments, not closed over: a custom VJP differentiates its arguments only.
+        pair = with_bit_residuals(pair)
+        conds = (lc, ic, lang_mask)
 
         outs = []
         if n_pairs:
@@ -182,7 +187,7 @@ class RDT(nnx.Module):
             kvs = None
             if cond_kv is not None:
                 kvs = (cond_kv.lang_k[:n_pairs], cond_kv.lang_v[:n_pairs], cond_kv.img_k, cond_kv.img_v)
-            h, pair_outs = jax.lax.scan(pair, h, (lang_state, img_state, kvs))
+            h, pair_outs = jax.lax.scan(lambda h, xs: pair(h, xs, conds), h, (lang_state, img_state, kvs))
             if capture:
                 outs.append(pair_outs.reshape(2 * n_pairs, *pair_outs.shape[2:]))
         if cfg.depth % 2:
