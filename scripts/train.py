@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
     from rdt_jax.data.hdf5_source import EpisodeError
+    from rdt_jax.data.robot_config import RobotConfigError
     from rdt_jax.training.loop import NonFiniteLossError, RunSetupError, train
 
     try:
@@ -89,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"[rdt-jax] ERROR: {e}", file=sys.stderr, flush=True)
         return 3
-    # Another run's directory; a missing data/weights path; a corrupt episode (its message names the file).
-    except (RunSetupError, FileNotFoundError, EpisodeError) as e:
+    # Another run's directory; a missing data/weights path; a corrupt episode or robot config (the
+    # message names the file).
+    except (RunSetupError, FileNotFoundError, EpisodeError, RobotConfigError) as e:
         print(f"[rdt-jax] ERROR: {e}", file=sys.stderr, flush=True)
         return 2
     if jax.process_index() == 0:

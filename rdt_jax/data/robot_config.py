@@ -17,6 +17,11 @@ import numpy as np
 from rdt_jax.data import action_space
 from rdt_jax.data.schema import CAMERA_SLOTS
 
+
+class RobotConfigError(ValueError):
+    """A robot config file that cannot be used; the message names the file."""
+
+
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs" / "robots"
 DEFAULT_ROBOT = "aloha_agilex"
 
@@ -80,7 +85,7 @@ class RobotConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
-            raise ValueError(f"{source}: unknown robot config keys {sorted(unknown)}")
+            raise RobotConfigError(f"{source}: unknown robot config keys {sorted(unknown)}")
         d = dict(d)
         try:
             d["state_names"] = tuple(d["state_names"])
@@ -92,8 +97,8 @@ class RobotConfig:
             if "instruction_keys" in d:
                 d["instruction_keys"] = tuple(d["instruction_keys"])
             return cls(**d)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{source}: invalid robot config ({e})") from e
+        except (KeyError, TypeError, ValueError) as e:  # ValueError: the field checks of __post_init__
+            raise RobotConfigError(f"{source}: invalid robot config ({e})") from e
 
 
 def load_robot_config(name_or_path: str | pathlib.Path = DEFAULT_ROBOT) -> RobotConfig:
@@ -101,5 +106,13 @@ def load_robot_config(name_or_path: str | pathlib.Path = DEFAULT_ROBOT) -> Robot
     p = pathlib.Path(name_or_path)
     if not p.suffix:
         p = REPO_CONFIGS / f"{name_or_path}.json"
-    with open(p) as f:
-        return RobotConfig.from_dict(json.load(f), source=str(p))
+    try:
+        with open(p) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise RobotConfigError(f"{p}: no such robot config (a name from {REPO_CONFIGS} or a JSON file path)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RobotConfigError(f"{p}: not a JSON robot config ({e})") from None
+    if not isinstance(d, dict):
+        raise RobotConfigError(f"{p}: a robot config is a JSON object, got {type(d).__name__}")
+    return RobotConfig.from_dict(d, source=str(p))

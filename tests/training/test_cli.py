@@ -327,3 +327,15 @@ def test_corrupt_episode_is_a_one_line_error(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert f"[rdt-jax] ERROR: {tmp_path / 'data' / 'e.hdf5'}: cannot open HDF5 file" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_malformed_robot_config_is_a_one_line_error(tmp_path):
+    (tmp_path / "data").mkdir()
+    robot = tmp_path / "my_robot.json"
+    robot.write_text('{"name": "my_robot", "state_names": ["left_arm_joint_0_pos"], "jpeg_color": "bgr"')
+    p = subprocess.run(_cmd(tmp_path / "run", "--data.kind", "hdf5", "--data.hdf5-dir", str(tmp_path / "data"),
+                            "--data.robot", str(robot)),
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env=ENV)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"[rdt-jax] ERROR: {robot}: not a JSON robot config" in p.stderr
+    assert "Traceback" not in p.stderr
