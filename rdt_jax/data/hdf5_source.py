@@ -221,7 +221,10 @@ class HDF5Source:
         w = np.asarray([e.usable_len for e in self.episodes], np.float64)
         self._cum_weights = np.cumsum(w)
         if self.report.skipped:
-            log.warning("%s: skipped episodes %s", self.dataset_name, self.report.counts())
+            unreadable = self.report.skipped.get("error", [])
+            listed = "".join(f"\n  {p}" for p in unreadable[:20]) + ("\n  ..." if len(unreadable) > 20 else "")
+            log.warning("%s: skipped episodes %s%s", self.dataset_name, self.report.counts(),
+                        f"; unreadable files:{listed}" if unreadable else "")
 
     # ---------------------------------------------------------------- caches
     def _init_caches(self) -> None:

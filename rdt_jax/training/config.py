@@ -68,6 +68,10 @@ class DataConfig:
     hdf5_dir: str | None = None
     robot: str = "aloha_agilex"
     """Robot config for hdf5 data: a name under configs/robots/ or a path to a robot JSON."""
+    skip_bad_episodes: bool = False
+    """hdf5 data: leave out the episode files that the scan before training finds unreadable (corrupt, missing
+    keys, wrong shapes, non-finite values) and name them in a warning, instead of stopping with the first
+    one's error. (A frame that fails to decode later, during training, still stops the run with its file.)"""
     rlds_dirs: tuple[str, ...] = ()
     weights_file: str | None = None  # {dataset: weight} JSON (pretrain_sample_weights.json)
     # "per_episode": the weights are shares of episode visits, as the official pretraining (DATA.md §5.2);
@@ -99,6 +103,8 @@ class DataConfig:
         # A data option of another kind would be ignored silently (e.g. the debug preset's demo data
         # trained on instead of --data.hdf5-dir): refuse it.
         ignored = {"demo": ("hdf5_dir", "rlds_dirs"), "hdf5": ("rlds_dirs",), "rlds": ("hdf5_dir",)}[self.kind]
+        if self.kind != "hdf5":
+            ignored += ("skip_bad_episodes",)
         given = [f"--data.{n.replace('_', '-')}" for n in ignored if getattr(self, n)]
         if self.kind == "demo" and self.robot != "aloha_agilex":
             given.append("--data.robot")

@@ -164,7 +164,8 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
             data_dir = cfg.hdf5_dir
         if robot.horizon != horizon:
             robot = dataclasses.replace(robot, horizon=horizon)
-        src = HDF5Source(data_dir, robot, index_cache=pathlib.Path(output_dir) / "episode_index.json")
+        src = HDF5Source(data_dir, robot, index_cache=pathlib.Path(output_dir) / "episode_index.json",
+                         skip_bad_episodes=cfg.skip_bad_episodes)
         sources = {robot.dataset_name: src}
         if val_dir is not None:
             val_sources = {robot.dataset_name: HDF5Source(

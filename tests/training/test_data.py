@@ -2,11 +2,13 @@
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
 
 from rdt_jax.data import language
+from rdt_jax.data.hdf5_source import EpisodeError
 from rdt_jax.training.config import DataConfig
 from rdt_jax.training.data import build_data, demo_robot, write_demo_dataset
 
@@ -44,3 +46,32 @@ def test_missing_instruction_embeddings_are_found_before_training(tmp_path):
                             "task")
     batch = next(iter(build().train))
     assert batch["lang_embeds"].shape[0] == 2
+
+
+def test_skip_bad_episodes_leaves_out_and_names_unreadable_files(tmp_path, caplog):
+    demo = DataConfig(kind="demo", demo_episodes=2, demo_episode_len=24, demo_image_size=16)
+    robot = demo_robot(demo, horizon=8)
+    root = write_demo_dataset(tmp_path / "episodes", demo, robot)
+    robot_json = tmp_path / "robot.json"
+    robot_json.write_text(json.dumps(robot.to_json_dict()))
+    junk = root / "episode_009" / "episode_009.hdf5"
+    junk.parent.mkdir()
+    junk.write_bytes(b"not an hdf5 file")
+    cfg = DataConfig(kind="hdf5", hdf5_dir=str(root), robot=str(robot_json), num_threads=1, prefetch=2)
+
+    def build(cfg, run):
+        (tmp_path / run).mkdir()
+        return build_data(cfg, output_dir=str(tmp_path / run), local_batch=2, local_sample_batch=0, image_size=16,
+                          horizon=8, seed=0)
+
+    with pytest.raises(EpisodeError, match=re.escape(f"{junk}: cannot open HDF5 file")):
+        build(cfg, "strict")
+    with caplog.at_level("WARNING"):
+        data = build(dataclasses.replace(cfg, skip_bad_episodes=True), "skipping")
+    assert str(junk) in caplog.text and "unreadable files" in caplog.text
+    assert next(iter(data.train))["actions"].shape[0] == 2
+
+
+def test_skip_bad_episodes_is_refused_for_other_data_kinds():
+    with pytest.raises(ValueError, match=r"--data\.skip-bad-episodes"):
+        DataConfig(kind="demo", skip_bad_episodes=True)
