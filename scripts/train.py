@@ -83,16 +83,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from rdt_jax.data.hdf5_source import EpisodeError
     from rdt_jax.data.robot_config import RobotConfigError
-    from rdt_jax.training.loop import NonFiniteLossError, RunSetupError, train
+    from rdt_jax.training.config import ConfigError
+    from rdt_jax.training.loop import NonFiniteLossError, train
 
     try:
         summary = train(cfg)
     except NonFiniteLossError as e:
         print(f"[rdt-jax] ERROR: {e}", file=sys.stderr, flush=True)
         return 3
-    # Another run's directory; a missing data/weights path; a corrupt episode or robot config (the
-    # message names the file).
-    except (RunSetupError, FileNotFoundError, EpisodeError, RobotConfigError) as e:
+    # A missing option or path, another run's directory (RunSetupError is a ConfigError); a corrupt
+    # episode or robot config (the message names the file).
+    except (ConfigError, FileNotFoundError, EpisodeError, RobotConfigError) as e:
         print(f"[rdt-jax] ERROR: {e}", file=sys.stderr, flush=True)
         return 2
     if jax.process_index() == 0:

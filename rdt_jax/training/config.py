@@ -13,6 +13,11 @@ from typing import Literal
 from rdt_jax.model.config import EmaConfig
 
 
+class ConfigError(ValueError):
+    """A run that cannot start as configured (a missing path, sizes that do not fit the devices or the
+    model); the message says what to give. ``scripts/train.py`` prints it as one line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Which RDT to train. ``preset`` names an ``rdt_jax.model.config.PRESETS`` entry or ``tiny``."""

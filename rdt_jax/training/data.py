@@ -26,7 +26,7 @@ from rdt_jax.data.pipeline import PipelineConfig, build_pipeline, load_weights, 
 from rdt_jax.data.robot_config import RobotConfig, load_robot_config
 from rdt_jax.data.schema import BatchConfig
 from rdt_jax.data.transform import SampleTransform, TransformConfig
-from rdt_jax.training.config import DataConfig
+from rdt_jax.training.config import ConfigError, DataConfig
 
 DEMO_LANG_LEN = 5
 
@@ -159,7 +159,7 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
                                              num_episodes=cfg.demo_val_episodes, episode_seed=1)
         else:
             if cfg.hdf5_dir is None:
-                raise ValueError("data.kind=hdf5 needs --data.hdf5-dir (a directory of ALOHA-format episodes)")
+                raise ConfigError("data.kind=hdf5 needs --data.hdf5-dir (a directory of ALOHA-format episodes)")
             robot = load_robot_config(cfg.robot)
             data_dir = cfg.hdf5_dir
         if robot.horizon != horizon:
@@ -179,9 +179,9 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
         from rdt_jax.data.rlds.source import RldsSource
 
         if not cfg.rlds_dirs:
-            raise ValueError("data.kind=rlds needs --data.rlds-dirs (converted RLDS dataset directories)")
+            raise ConfigError("data.kind=rlds needs --data.rlds-dirs (converted RLDS dataset directories)")
         if cfg.lang_embed_dir is None:
-            raise ValueError("data.kind=rlds needs --data.lang-embed-dir: RLDS instructions are text, encoded "
+            raise ConfigError("data.kind=rlds needs --data.lang-embed-dir: RLDS instructions are text, encoded "
                              "beforehand (scripts/encode_lang.py --rlds-dirs ... --store-dir DIR)")
         srcs = [RldsSource(d, horizon=horizon) for d in cfg.rlds_dirs]
         sources = {s.dataset_name: s for s in srcs}
@@ -190,7 +190,7 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
         if cfg.weights_per == "per_episode":
             weights = per_episode_weights(sources, weights)
         if cfg.stats_file is None:
-            raise ValueError("data.kind=rlds needs --data.stats-file (dataset_stat.json; scripts/compute_stats.py)")
+            raise ConfigError("data.kind=rlds needs --data.stats-file (dataset_stat.json; scripts/compute_stats.py)")
         all_stats = stats.load_stats(cfg.stats_file, names=list(sources))
     else:
         raise ValueError(f"unknown data kind {cfg.kind!r}")

@@ -22,7 +22,7 @@ from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layer_layout import to_layer_layout
 from rdt_jax.runner import resolve_layer_layout
 from rdt_jax.training import checkpoints as ckpt
-from rdt_jax.training.config import TrainConfig
+from rdt_jax.training.config import ConfigError, TrainConfig
 from rdt_jax.training.data import DataBundle, build_data
 from rdt_jax.training.logging import MetricWriter
 from rdt_jax.training.mesh import make_mesh, maybe_initialize_distributed
@@ -47,7 +47,7 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or the gradient norm became NaN/inf; the run stopped without saving the bad state."""
 
 
-class RunSetupError(ValueError):
+class RunSetupError(ConfigError):
     """The output directory holds another run (or one that cannot continue as asked); nothing was changed."""
 
 
@@ -160,7 +160,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
         checked.append(("validation.batch_size", cfg.validation.batch_size))
     for name, b in checked:
         if b % n_dev or b % nproc:
-            raise ValueError(f"{name} {b} must be divisible by the {n_dev} devices")
+            raise ConfigError(f"{name} {b} must be divisible by the {n_dev} devices")
     out = pathlib.Path(cfg.output_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -172,13 +172,13 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
         if cfg.model.preset == "tiny" and cfg.model.init_from is None:
             rcfg = rcfg.replace(img_token_dim=encoder.token_dim)
         if (rcfg.img_cond_len, rcfg.img_token_dim) != (img_cond_len, encoder.token_dim):
-            raise ValueError(f"the image encoder gives {img_cond_len} tokens x {encoder.token_dim}, the model "
+            raise ConfigError(f"the image encoder gives {img_cond_len} tokens x {encoder.token_dim}, the model "
                              f"expects {rcfg.img_cond_len} x {rcfg.img_token_dim}")
         image_size = encoder.image_size
     else:
-        raise ValueError("image_encoder.kind=features is for benchmarks (scripts/bench_train.py), not for training")
+        raise ConfigError("image_encoder.kind=features is for benchmarks (scripts/bench_train.py), not for training")
     if cfg.data.max_lang_len > rcfg.max_lang_cond_len:
-        raise ValueError(f"data.max_lang_len {cfg.data.max_lang_len} > the model's {rcfg.max_lang_cond_len}")
+        raise ConfigError(f"data.max_lang_len {cfg.data.max_lang_len} > the model's {rcfg.max_lang_cond_len}")
     tx, schedule = make_optimizer(cfg.optim, cfg.num_steps)
 
     # ---- data (this process's share of every global batch)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from rdt_jax.training.config import MeshConfig
+from rdt_jax.training.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # every device gets a distinct slice of the batch (ZeRO-style FSDP)
@@ -27,13 +27,13 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     n = len(devices)
     data, fsdp = cfg.data, cfg.fsdp
     if fsdp == -1 and data == -1:
-        raise ValueError("at most one of mesh.data / mesh.fsdp may be -1")
+        raise ConfigError("at most one of mesh.data / mesh.fsdp may be -1")
     if fsdp == -1:
         fsdp = n // data
     if data == -1:
         data = n // fsdp
     if data * fsdp != n or data < 1 or fsdp < 1:
-        raise ValueError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} does not cover the {n} devices")
+        raise ConfigError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} does not cover the {n} devices")
     # Auto axes: sharding is given at the jit boundary and propagated by XLA (jax.make_mesh would
     # default to Explicit axes, which changes typing rules inside the model).
     grid = np.asarray(devices, dtype=object).reshape(data, fsdp)

@@ -28,7 +28,7 @@ from rdt_jax.model.layer_layout import is_per_layer, to_layer_layout
 from rdt_jax.model.policy import RDTPolicy
 from rdt_jax.runner import abstract_policy, resolve_layer_layout
 from rdt_jax.training import ema as ema_lib
-from rdt_jax.training.config import ImageEncoderConfig, ModelConfig
+from rdt_jax.training.config import ConfigError, ImageEncoderConfig, ModelConfig
 from rdt_jax.training.sharding import batch_sharding, replicated, tree_shardings
 
 # Batch entries the train step reads (the data pipeline also carries state_norm, image_valid,
@@ -67,7 +67,7 @@ def rdt_config(m: ModelConfig, *, img_cond_len: int, max_lang_len: int) -> RDTCo
         asked = {name: getattr(m, name) for name in ("hidden_size", "depth", "num_heads", "pred_horizon")}
         clash = {k: (v, getattr(rcfg, k)) for k, v in asked.items() if v is not None and v != getattr(rcfg, k)}
         if clash:
-            raise ValueError(f"--init-from {m.init_from} holds a model with "
+            raise ConfigError(f"--init-from {m.init_from} holds a model with "
                              + ", ".join(f"{k} {have} (asked: {want})" for k, (want, have) in clash.items())
                              + "; drop those --model options (or set them to None) to train the checkpoint's model")
         return rcfg
@@ -127,7 +127,7 @@ def make_image_encoder(cfg: ImageEncoderConfig, seed: int = 0, mesh: Mesh | None
         return ImageEncoder(graphdef, params, vcfg.num_patches, vcfg.hidden_size, vcfg.image_size)
     elif cfg.kind == "siglip":
         if cfg.path is None:
-            raise ValueError("image_encoder.kind=siglip needs image_encoder.path (a SigLIP so400m checkpoint dir)")
+            raise ConfigError("image_encoder.kind=siglip needs image_encoder.path (a SigLIP so400m checkpoint dir)")
         tower = load_siglip(cfg.path, dtype=jnp.dtype(cfg.dtype), mesh=mesh)
     else:
         raise ValueError(f"unknown image encoder kind {cfg.kind!r}")

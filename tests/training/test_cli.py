@@ -339,3 +339,15 @@ def test_malformed_robot_config_is_a_one_line_error(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert f"[rdt-jax] ERROR: {robot}: not a JSON robot config" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("finetune-hdf5",),  # no SigLIP checkpoint, no data directory
+    ("finetune-hdf5", "--image-encoder.kind", "random_tiny", "--model.preset", "tiny"),  # no data directory
+])
+def test_missing_required_options_are_one_line_errors(tmp_path, args):
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), *args, "--output-dir", str(tmp_path / "run")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=ENV)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("[rdt-jax] ERROR: ") and "needs" in p.stderr
+    assert "Traceback" not in p.stderr
