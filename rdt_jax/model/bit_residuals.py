@@ -11,22 +11,16 @@ same values are stacked and sliced in place.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from rdt_jax.model.attention import as_bits, from_bits
 
 
-def _is_16bit_float(x: Any) -> bool:
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2
-
-
 @jax.tree_util.register_pytree_node_class
 class _BitResiduals:
-    """A VJP closure's residuals, 16-bit floats as their uint16 bit patterns (the structure and the
-    original dtypes are static)."""
+    """A VJP closure's residuals, 16-bit ones as their uint16 bit patterns (``as_bits``; the structure
+    and the original dtypes are static)."""
 
     def __init__(self, treedef, dtypes: tuple, leaves: list):
         self.treedef, self.dtypes, self.leaves = treedef, dtypes, leaves
@@ -34,11 +28,10 @@ class _BitResiduals:
     @classmethod
     def pack(cls, vjp_fn) -> _BitResiduals:
         leaves, treedef = jax.tree.flatten(vjp_fn)
-        dtypes = tuple(x.dtype if _is_16bit_float(x) else None for x in leaves)
-        return cls(treedef, dtypes, [as_bits(x) if d is not None else x for x, d in zip(leaves, dtypes, strict=True)])
+        return cls(treedef, tuple(x.dtype for x in leaves), [as_bits(x) for x in leaves])
 
     def unpack(self):
-        leaves = [from_bits(x, d) if d is not None else x for x, d in zip(self.leaves, self.dtypes, strict=True)]
+        leaves = [from_bits(x, d) for x, d in zip(self.leaves, self.dtypes, strict=True)]
         return jax.tree.unflatten(self.treedef, leaves)
 
     def tree_flatten(self):
