@@ -76,7 +76,7 @@ class DataConfig:
     skip_bad_episodes: bool = False
     """hdf5 data: leave out the episode files that the scan before training finds unreadable (corrupt, missing
     keys, wrong shapes, non-finite values) and name them in a warning, instead of stopping with the first
-    one's error. (A frame that fails to decode later, during training, still stops the run with its file.)"""
+    one's error; during training, a sample whose frames fail to decode is named in a warning and redrawn."""
     rlds_dirs: tuple[str, ...] = ()
     weights_file: str | None = None  # {dataset: weight} JSON (pretrain_sample_weights.json)
     # "per_episode": the weights are shares of episode visits, as the official pretraining (DATA.md §5.2);

@@ -203,6 +203,47 @@ def test_corrupt_jpeg_at_sample_time(tmp_path, small_robot):
         src.sample_at(0, 41)
 
 
+def _corrupt_frames(path, steps):
+    with h5py.File(path, "a") as f:
+        for t in steps:
+            f["/observations/images/cam_high"][t] = np.full(100, 7, np.uint8)
+
+
+def test_bad_frames_at_sample_time_are_redrawn_when_skipping(tmp_path, small_robot, caplog):
+    """Frames that fail to decode during training (the scan only decodes frame 0): a strict source stops with
+    the file, key and step; a skipping one warns once per bad frame and redraws from the same rng, so the draws
+    are a function of the rng alone (what exact resume needs)."""
+    bad, _ = _good(tmp_path, "bad.hdf5")
+    _good(tmp_path, "good.hdf5")
+    _corrupt_frames(bad, range(10, 130))
+    strict = HDF5Source(tmp_path, small_robot)
+    with pytest.raises(EpisodeError, match=r"bad\.hdf5: '/observations/images/cam_high' step \d+: not a decodable"):
+        for i in range(50):
+            strict.get(i, np.random.default_rng(i))
+
+    def draws(src):
+        return [(s.episode_id, s.step_id) for s in (src.get(i, np.random.default_rng(i)) for i in range(50))]
+
+    src = HDF5Source(tmp_path, small_robot, skip_bad_episodes=True)
+    with caplog.at_level("WARNING"):
+        first = draws(src)
+    assert all(ep.endswith("good.hdf5") or step < 10 for ep, step in first)  # step 10 reads frames 9 and 10
+    assert src.bad_sample_count > 0
+    assert f"{bad}: '/observations/images/cam_high' step" in caplog.text
+    warned, count = len(caplog.records), src.bad_sample_count
+    assert draws(src) == first
+    assert src.bad_sample_count == 2 * count and len(caplog.records) == warned  # each bad frame named once
+    assert draws(HDF5Source(tmp_path, small_robot, skip_bad_episodes=True)) == first
+
+
+def test_gives_up_when_every_draw_fails(tmp_path, small_robot):
+    p, _ = _good(tmp_path)
+    src = HDF5Source(tmp_path, small_robot, skip_bad_episodes=True)
+    _corrupt_frames(p, range(130))  # after the scan: now no step of the only episode reads
+    with pytest.raises(EpisodeError, match=r"64 draws in a row failed to read; the last: .*good\.hdf5"):
+        src.get(0, np.random.default_rng(0))
+
+
 def test_short_and_bad_skipped_and_counted(tmp_path, small_robot):
     _good(tmp_path, "good.hdf5")
     q = make_qpos(100, 3, np.random.default_rng(4))  # shorter than 128: weight 0 as officially
