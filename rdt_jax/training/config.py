@@ -152,14 +152,20 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
-    # Multi-host: set coordinator ("host:port") to call jax.distributed.initialize.
+    distributed: Literal["auto", "on", "off"] = "auto"
+    """Multi-host: whether to call jax.distributed.initialize. auto: when --mesh.coordinator is given or a
+    multi-process Slurm or Open MPI launch is detected; on: always (TPU pod slices, where JAX finds the
+    hosts itself; anywhere else with --mesh.coordinator); off: never."""
     coordinator: str | None = None
+    """Multi-host: the coordinator's "host:port" (None: from the cluster environment)."""
     num_processes: int | None = None
-    """With --mesh.coordinator: the number of processes (None: from the cluster environment)."""
+    """Multi-host: the number of processes (None: from the cluster environment)."""
     process_id: int | None = None
-    """With --mesh.coordinator: this process's index (None: from the cluster environment)."""
+    """Multi-host: this process's index (None: from the cluster environment)."""
 
     def __post_init__(self) -> None:
+        if self.distributed == "off" and self.coordinator is not None:
+            raise ConfigError("--mesh.coordinator is given but --mesh.distributed is off")
         for name in ("data", "fsdp"):
             if getattr(self, name) == 0 or getattr(self, name) < -1:
                 raise ValueError(f"mesh.{name} must be -1 (all remaining devices) or >= 1, got {getattr(self, name)}")
