@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import time
 from typing import Any
 
 from rdt_jax.training.config import LogConfig
@@ -66,7 +67,13 @@ class MetricWriter:
             _trim_jsonl(jsonl, resumed_step)
         self._jsonl = open(jsonl, "a")  # closed in close()
         if cfg.tensorboard:
-            self._tb = _summary_writer_class()(str(self.dir / "tensorboard"))
+            # A session-start event at the first step this run logs: TensorBoard then hides the events an
+            # earlier run (or a killed one, past its checkpoint) logged from that step on, as the JSONL above.
+            first_step = 0 if resumed_step is None else resumed_step + 1
+            # tensorboardX names the file by the second and host only: a run started within the same second
+            # as the last one would overwrite its file. The suffix also orders them as TensorBoard reads them.
+            self._tb = _summary_writer_class()(str(self.dir / "tensorboard"), purge_step=first_step,
+                                               filename_suffix=f".{time.time_ns()}")
         if cfg.wandb:
             import os
 

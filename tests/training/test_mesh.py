@@ -72,7 +72,7 @@ def test_off_skips_a_detected_launch_with_a_warning(initialize_calls, monkeypatc
         maybe_initialize_distributed(MeshConfig(distributed="off"))
     assert initialize_calls == []
     assert "Open MPI started 2 processes but --mesh.distributed is off" in caplog.text
-    with pytest.raises(ConfigError, match="--mesh.coordinator is given but --mesh.distributed is off"):
+    with pytest.raises(ConfigError, match=r"--mesh\.coordinator is given but --mesh\.distributed is off"):
         MeshConfig(distributed="off", coordinator="10.0.0.1:1234")
 
 
@@ -87,7 +87,7 @@ def test_failures_to_connect_are_config_errors(initialize_calls, monkeypatch):
     with pytest.raises(ConfigError, match=r"coordinator_address should be defined\. \(give --mesh\.coordinator"):
         maybe_initialize_distributed(MeshConfig())
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: None)  # connects, but only 2 of the 4
-    with pytest.raises(ConfigError, match="Slurm started 4 processes but jax.distributed connected 2"):
+    with pytest.raises(ConfigError, match=r"Slurm started 4 processes but jax\.distributed connected 2"):
         maybe_initialize_distributed(MeshConfig())
 
 
