@@ -84,6 +84,9 @@ def _config_json(cfg: TrainConfig) -> dict[str, Any]:
 
 # Settings that change what an exact resume reproduces: warned about when they differ from the checkpoint's.
 _RESUME_SETTINGS = ("seed", "batch_size", "grad_accum", "data", "optim")
+# Settings under those that leave the sample stream and the updates as they were (grain keeps the order
+# whatever the number of reader threads and the buffer size).
+_SPEED_ONLY_SETTINGS = ("data.num_threads", "data.prefetch")
 
 
 def data_state_for(state: dict[str, Any], saved_processes: int, processes: int) -> dict[str, Any]:
@@ -138,7 +141,8 @@ def check_resumable(meta: dict[str, Any], rcfg: RDTConfig, cfg: TrainConfig, ste
         if before is not None and before != now:
             raise RunSetupError(f"{where} was saved with {name} {before}; it cannot be resumed with {now}. Resume "
                                 "with the run's setting, or start a new run from it with --model.init-from")
-    changed = [k for k in _RESUME_SETTINGS if k in old and old[k] != new.get(k)]
+    before, after = _flat({k: old[k] for k in _RESUME_SETTINGS if k in old}), _flat(new)
+    changed = [k for k in before if before[k] != after.get(k) and k not in _SPEED_ONLY_SETTINGS]
     if cfg.optim.schedule == "cosine" and cfg.optim.decay_steps is None and old.get("num_steps") != cfg.num_steps:
         changed.append("num_steps (the cosine schedule's length; fix it with --optim.decay-steps)")
     if changed and jax.process_index() == 0:

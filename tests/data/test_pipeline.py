@@ -51,9 +51,9 @@ def setup(tmp_path_factory):
     return sources, tf
 
 
-def pipeline(setup, weights, seed=0, pi=0, pc=1, mixing="random", threads=1):
+def pipeline(setup, weights, seed=0, pi=0, pc=1, mixing="random", threads=1, prefetch=4):
     sources, tf = setup
-    cfg = PipelineConfig(seed=seed, mixing=mixing, num_threads=threads, prefetch_buffer_size=4)
+    cfg = PipelineConfig(seed=seed, mixing=mixing, num_threads=threads, prefetch_buffer_size=prefetch)
     return build_pipeline(sources, weights, tf, BCFG, cfg, process_index=pi, process_count=pc)
 
 
@@ -199,3 +199,15 @@ def test_data_state_moves_between_process_counts(setup):
     assert data_state_for(state, 2, 2) is state
     with pytest.raises(RunSetupError, match="cannot continue evenly"):
         data_state_for({"next_index": 3}, 1, 2)
+
+
+def test_reader_threads_and_buffer_change_neither_stream_nor_state(setup):
+    """What lets a run resume with other --data.num-threads/--data.prefetch: the same samples in the same
+    order, and one setting's iterator state continues under the other."""
+    w = {"a": 2.0, "b": 1.0, "c": 1.0}
+    one = iter(pipeline(setup, w, threads=1, prefetch=1))
+    first = take(one, 6)
+    assert ids_of(first) == ids_of(take(iter(pipeline(setup, w, threads=3, prefetch=8)), 6))
+    more = iter(pipeline(setup, w, threads=3, prefetch=8))
+    more.set_state(one.get_state())
+    assert ids_of(take(more, 4)) == ids_of(take(one, 4))

@@ -267,3 +267,20 @@ def test_data_options_of_another_kind_are_refused():
     with pytest.raises(ValueError, match=r"'hdf5', which does not use --data.rlds-dirs"):
         DataConfig(kind="hdf5", rlds_dirs=("a",))
     DataConfig(kind="hdf5", hdf5_dir="my_episodes", robot="my_robot.json")  # fine
+
+
+def test_resume_warns_about_changed_settings_by_name_but_not_reader_speed(capsys):
+    import dataclasses
+
+    from rdt_jax.training.config import PRESETS
+    from rdt_jax.training.loop import _config_json, check_resumable
+    cfg = PRESETS["debug"]().replace(num_steps=10)
+    meta = {"train_config": _config_json(cfg)}
+    faster = cfg.replace(data=dataclasses.replace(cfg.data, num_threads=cfg.data.num_threads + 3,
+                                                  prefetch=cfg.data.prefetch * 2))
+    check_resumable(meta, None, faster, 5)  # no model config saved: not compared
+    assert capsys.readouterr().out == ""
+    other = faster.replace(data=dataclasses.replace(faster.data, cond_mask_prob=0.3), seed=cfg.seed + 1)
+    check_resumable(meta, None, other, 5)
+    out = capsys.readouterr().out
+    assert "with changed seed, data.cond_mask_prob: not the run it continues" in out
