@@ -287,7 +287,7 @@ train(cfg)
 '''
 
 
-def test_two_process_run_exports_and_resumes_on_one_process(tmp_path):
+def test_two_process_run_exports_and_resumes_on_one_process(tmp_path, capsys):
     """The whole loop on two processes (2 CPU devices each): it ends, with the export written by process 0
     alone (a collective save there used to hang the run), and one process resumes its checkpoint."""
     script = tmp_path / "train_worker.py"
@@ -299,6 +299,8 @@ def test_two_process_run_exports_and_resumes_on_one_process(tmp_path):
     cfg = cfg.replace(log=cfg.log.__class__(progress_bar=False, tensorboard=False))
     summary = train(cfg)
     assert (summary["start_step"], summary["final_step"]) == (2, 3) and np.isfinite(summary["losses"]).all()
+    # Compiled before the loop: reported on its own, not inside step 1's time.
+    assert summary["compile_s"] > 0 and "train step compiled in" in capsys.readouterr().out
 
 
 def test_bf16_adam_moments_resume_exactly(tmp_path):
