@@ -17,6 +17,17 @@ reads (``--data.lang-embed-dir``; files named by a hash of the text)::
     python scripts/encode_lang.py --t5-dir ckpts/t5-v1_1-xxl --rlds-dirs data/fractal/0.1.0 data/taco/0.1.0 \
         --store-dir lang_store
 
+Every distinct text instruction of ALOHA-format HDF5 fine-tuning data (each episode folder's instruction
+JSON, every variant it lists; entries that name precomputed ``.pt``/``.safetensors`` files need no
+encoding and are left out), into the store that training then reads::
+
+    python scripts/encode_lang.py --t5-dir ckpts/t5-v1_1-xxl --hdf5-dirs data/aloha --store-dir lang_store
+    python scripts/train.py ... --data.kind hdf5 --data.hdf5-dir data/aloha --data.lang-embed-dir lang_store
+
+``--robot`` names the robot config as ``--data.robot`` does for training (its instruction file name
+and keys, and which episodes are long enough to be used); ``--skip-bad-episodes`` as
+``--data.skip-bad-episodes``.
+
 Each instruction gets its unpadded ``(L, 4096)`` embedding (EOS included), written in the
 official ``.pt`` layout and/or our ``.safetensors`` layout (``--formats``; see
 ``rdt_jax.encoders.lang_embeddings``). The ``.pt`` layout is the official script's of the same
@@ -41,6 +52,7 @@ import tyro
 from tqdm import tqdm
 
 from rdt_jax.data.language import EmbeddingStore
+from rdt_jax.data.robot_config import DEFAULT_ROBOT, RobotConfig, load_robot_config
 from rdt_jax.encoders import load_t5
 from rdt_jax.encoders.lang_embeddings import save_lang_embedding_pt, save_lang_embedding_safetensors
 from rdt_jax.encoders.tokenizer import load_t5_tokenizer, tokenize
@@ -60,6 +72,14 @@ class Args:
     """Text file, one instruction per line (or a .json list of strings)."""
     rlds_dirs: tuple[pathlib.Path, ...] = ()
     """Converted RLDS datasets (scripts/convert_rlds.py): encode every distinct instruction they use."""
+    hdf5_dirs: tuple[pathlib.Path, ...] = ()
+    """Directories of ALOHA-format HDF5 episodes: encode every distinct text instruction their episodes use."""
+    robot: str = DEFAULT_ROBOT
+    """With --hdf5-dirs: the robot config, a name under configs/robots/ or a path to a robot JSON (as
+    training's --data.robot)."""
+    skip_bad_episodes: bool = False
+    """With --hdf5-dirs: leave out unreadable episode files (named in a warning) instead of stopping, as
+    training's --data.skip-bad-episodes does."""
     store_dir: pathlib.Path | None = None
     """Also put every embedding into this EmbeddingStore (rdt_jax.data.language), keyed by the text."""
     tokenizer_dir: pathlib.Path | None = None
@@ -73,12 +93,16 @@ class Args:
     """Shard the T5 weights over this many devices (FSDP); 1 = default device."""
 
 
+class UsageError(ValueError):
+    """Options or inputs this script cannot use: reported in one line by ``main``."""
+
+
 def read_instructions(path: pathlib.Path) -> list[str]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         items = json.loads(text)
         if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise ValueError(f"{path}: expected a JSON list of strings")
+            raise UsageError(f"{path}: expected a JSON list of strings")
         return items
     return [line.strip() for line in text.splitlines() if line.strip()]
 
@@ -94,24 +118,58 @@ def rlds_instructions(dirs: tuple[pathlib.Path, ...]) -> list[str]:
     return list(seen)
 
 
+def hdf5_instructions(dirs: tuple[pathlib.Path, ...], robot: RobotConfig, skip_bad_episodes: bool = False
+                      ) -> list[str]:
+    """The distinct text instructions the directories' used episodes can draw, in first-seen order (episode
+    file order, then the robot's instruction keys, then each key's list): exactly the texts training's
+    embedding check looks up in the store. Entries naming precomputed embedding files are left out."""
+    from rdt_jax.data.hdf5_source import HDF5Source
+
+    seen: dict[str, None] = {}
+    for d in dirs:
+        # Same episode selection as training (too-short and, with skip_bad_episodes, unreadable files are
+        # not used, so their instructions are never drawn), without decoding frames: only the JSONs matter.
+        src = HDF5Source(d, robot, check_images=False, skip_bad_episodes=skip_bad_episodes)
+        for _, text, embedding_path in src.instructions():
+            if embedding_path is None:
+                seen.setdefault(text, None)
+    return list(seen)
+
+
 def encode(args: Args) -> list[pathlib.Path]:
-    if sum((args.instruction is not None, args.instructions_file is not None, bool(args.rlds_dirs))) != 1:
-        raise ValueError("give exactly one of --instruction, --instructions-file and --rlds-dirs")
+    sources = (args.instruction is not None, args.instructions_file is not None, bool(args.rlds_dirs),
+               bool(args.hdf5_dirs))
+    if sum(sources) != 1:
+        raise UsageError("give exactly one of --instruction, --instructions-file, --rlds-dirs and --hdf5-dirs")
+    if not args.hdf5_dirs and (args.robot != DEFAULT_ROBOT or args.skip_bad_episodes):
+        # Silently ignoring them would let a user believe another robot's episodes were read.
+        raise UsageError("--robot and --skip-bad-episodes only apply to --hdf5-dirs")
     if args.out_dir is None and args.store_dir is None:
-        raise ValueError("give --out-dir, --store-dir or both")
+        raise UsageError("give --out-dir, --store-dir or both")
     if args.instruction is not None:
         if not args.name or "/" in args.name or args.name in (".", ".."):
-            raise ValueError(f"--name must be a plain file stem, got {args.name!r}")
+            raise UsageError(f"--name must be a plain file stem, got {args.name!r}")
         texts, stems = [args.instruction], [args.name]
     else:
-        texts = (read_instructions(args.instructions_file) if args.instructions_file
-                 else rlds_instructions(args.rlds_dirs))
+        if args.instructions_file:
+            texts = read_instructions(args.instructions_file)
+        else:
+            if args.rlds_dirs:
+                dirs, texts, what = args.rlds_dirs, rlds_instructions(args.rlds_dirs), "no instructions"
+            else:
+                dirs = args.hdf5_dirs
+                texts = hdf5_instructions(dirs, load_robot_config(args.robot), args.skip_bad_episodes)
+                what = ("no text instructions (every instruction entry names a precomputed .pt/.safetensors "
+                        "embedding file, which training reads directly)")
+            # Checked before T5 is loaded (minutes for the XXL model) only to encode nothing.
+            if not texts:
+                raise UsageError(f"{', '.join(map(str, dirs))}: {what}; nothing to encode")
         stems = [f"lang_embed_{i}" for i in range(len(texts))]
     store = EmbeddingStore(args.store_dir) if args.store_dir is not None else None
     dtype = jnp.dtype(args.dtype)
     mesh = None
     if args.fsdp > len(jax.devices()):
-        raise ValueError(f"--fsdp {args.fsdp} needs as many devices; this process has {len(jax.devices())}")
+        raise UsageError(f"--fsdp {args.fsdp} needs as many devices; this process has {len(jax.devices())}")
     if args.fsdp > 1:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[: args.fsdp]), ("fsdp",))
     tokenizer = load_t5_tokenizer(args.tokenizer_dir or args.t5_dir)
@@ -156,7 +214,13 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     args = tyro.cli(Args, args=argv)
     if not args.t5_dir.is_dir():
         raise SystemExit(f"error: --t5-dir {args.t5_dir}: no such directory")
-    written = encode(args)
+    from rdt_jax.data.hdf5_source import EpisodeError
+    from rdt_jax.data.robot_config import RobotConfigError
+
+    try:
+        written = encode(args)
+    except (UsageError, EpisodeError, RobotConfigError, FileNotFoundError) as e:  # each names its file or option
+        raise SystemExit(f"error: {e}") from e
     where = " and ".join(str(d) for d in (args.out_dir, args.store_dir) if d is not None)
     print(f"wrote {len(written)} files to {where}", file=sys.stderr)
     return written

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shlex
 from typing import Any
 
 import h5py
@@ -23,7 +24,7 @@ import numpy as np
 from rdt_jax.data import language, stats
 from rdt_jax.data.hdf5_source import HDF5Source
 from rdt_jax.data.pipeline import PipelineConfig, build_pipeline, load_weights, per_episode_weights
-from rdt_jax.data.robot_config import RobotConfig, load_robot_config
+from rdt_jax.data.robot_config import DEFAULT_ROBOT, RobotConfig, load_robot_config
 from rdt_jax.data.schema import BatchConfig
 from rdt_jax.data.transform import SampleTransform, TransformConfig
 from rdt_jax.training.config import ConfigError, DataConfig
@@ -31,23 +32,42 @@ from rdt_jax.training.config import ConfigError, DataConfig
 DEMO_LANG_LEN = 5
 
 
-def check_instruction_embeddings(src: HDF5Source, store: language.EmbeddingStore | None) -> None:
+def check_instruction_embeddings(src: HDF5Source, store: language.EmbeddingStore | None, *,
+                                 data_dir: str | os.PathLike | None = None, robot: str | None = None) -> None:
     """Every instruction of every episode has its embedding, checked before training rather than when a
-    batch first draws it (possibly hours in)."""
+    batch first draws it (possibly hours in). `data_dir` and `robot` (the --data.robot value) only fill in
+    the scripts/encode_lang.py command that the error message gives for text instructions."""
     missing = []
+    any_text = False
     for jpath, text, path in src.instructions():
         if path is not None:
             if not os.path.isfile(path):
                 missing.append(f"{jpath}: embedding file {path} not found")
         elif store is None:
+            any_text = True
             missing.append(f"{jpath}: instruction {text!r} is text and no --data.lang-embed-dir is given")
         elif not store.path(text).is_file():
+            any_text = True
             missing.append(f"{jpath}: instruction {text!r} has no embedding in {store.directory} "
-                           f"(expected {store.path(text).name}; encode it with scripts/encode_lang.py --store-dir)")
+                           f"(expected {store.path(text).name})")
     if missing:
         more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
         listed = "\n  ".join(missing[:10])
-        raise FileNotFoundError(f"{len(missing)} instruction embedding(s) missing:\n  {listed}{more}")
+        # One exact command, once, rather than a hint per line: it encodes every text variant at once.
+        hint = ""
+        if any_text:
+            store_dir = shlex.quote(str(store.directory)) if store is not None else "LANG_DIR"
+            cmd = ["python scripts/encode_lang.py --t5-dir T5_DIR --hdf5-dirs",
+                   shlex.quote(str(data_dir)) if data_dir is not None else "DIR"]
+            if robot is not None and robot != DEFAULT_ROBOT:
+                cmd += ["--robot", shlex.quote(robot)]
+            if src.skip_bad_episodes:
+                cmd.append("--skip-bad-episodes")
+            cmd += ["--store-dir", store_dir]
+            hint = f"\nencode the text instructions with: {' '.join(cmd)}"
+            if store is None:
+                hint += f" (then train with --data.lang-embed-dir {store_dir})"
+        raise FileNotFoundError(f"{len(missing)} instruction embedding(s) missing:\n  {listed}{more}{hint}")
 
 
 def demo_robot(cfg: DataConfig, horizon: int) -> RobotConfig:
@@ -150,6 +170,7 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
     robot = None
     val_dir = None
     val_sources = None  # None: validation samples the training sources (official)
+    hdf5_sources: list[tuple[HDF5Source, str | pathlib.Path]] = []  # each with its directory, to check
     if cfg.kind in ("demo", "hdf5"):
         if cfg.kind == "demo":
             robot = demo_robot(cfg, horizon)
@@ -167,9 +188,11 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
         src = HDF5Source(data_dir, robot, index_cache=pathlib.Path(output_dir) / "episode_index.json",
                          skip_bad_episodes=cfg.skip_bad_episodes)
         sources = {robot.dataset_name: src}
+        hdf5_sources.append((src, data_dir))
         if val_dir is not None:
             val_sources = {robot.dataset_name: HDF5Source(
                 val_dir, robot, index_cache=pathlib.Path(output_dir) / "episode_index_heldout.json")}
+            hdf5_sources.append((val_sources[robot.dataset_name], val_dir))
         weights = {robot.dataset_name: 1.0}
         if cfg.stats_file:
             all_stats = stats.load_stats(cfg.stats_file, names=[robot.dataset_name])
@@ -202,9 +225,8 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
     ids = {n: names.index(n) for n in sources}
     means = stats.state_means(used_stats)
     store = language.EmbeddingStore(cfg.lang_embed_dir) if cfg.lang_embed_dir else None
-    for src in {**sources, **(val_sources or {})}.values():
-        if isinstance(src, HDF5Source):
-            check_instruction_embeddings(src, store)
+    for src, src_dir in hdf5_sources:
+        check_instruction_embeddings(src, store, data_dir=src_dir, robot=cfg.robot if cfg.kind == "hdf5" else None)
 
     def pipeline(batch: int, tcfg: TransformConfig, pseed: int, sources=sources):
         bcfg = BatchConfig(batch_size=batch, image_size=image_size, max_lang_len=cfg.max_lang_len, horizon=horizon,

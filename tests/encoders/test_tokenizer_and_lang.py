@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
 import pathlib
+import re
 import sys
 
 import jax
@@ -230,3 +232,132 @@ def test_encode_lang_into_an_embedding_store(tok_dir, hf_factory, tmp_path, errs
         got = store.get(text)
         assert got.shape == (n, 4096) and rel_err(got, ref.last_hidden_state.numpy()[i, :n]) <= 1e-5
     assert not (tmp_path / "lang_embed_0.pt").exists()  # no --out-dir: only the store
+
+
+def _load_encode_lang():
+    spec = importlib.util.spec_from_file_location("encode_lang", REPO / "scripts" / "encode_lang.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["encode_lang"] = mod  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write_hdf5_episodes(root: pathlib.Path, instructions: list[dict] | None = None):
+    """Tiny ALOHA-format episodes (the training demo's writer), one per entry of `instructions` (that episode's
+    instruction JSON; None keeps the demo's precomputed ``lang.safetensors`` entries). Returns (data dir, robot,
+    robot JSON path): the robot is the demo's, whose short minimum episode length keeps these episodes used."""
+    from rdt_jax.training.config import DataConfig
+    from rdt_jax.training.data import demo_robot, write_demo_dataset
+
+    n = len(instructions) if instructions is not None else 2
+    demo = DataConfig(kind="demo", demo_episodes=n, demo_episode_len=24, demo_image_size=16)
+    robot = demo_robot(demo, horizon=8)
+    data_dir = write_demo_dataset(root / "episodes", demo, robot)
+    for e, content in enumerate(instructions or []):
+        (data_dir / f"episode_{e:03d}" / robot.instruction_file).write_text(json.dumps(content))
+    robot_json = root / "robot.json"
+    robot_json.write_text(json.dumps(robot.to_json_dict()))
+    return data_dir, robot, robot_json
+
+
+# Text, lists of variants, a text repeated within and across episodes, and precomputed files (one with the
+# trailing "." the official pipeline tolerates), in the demo robot's instruction keys.
+HDF5_INSTRUCTIONS = [
+    {"instruction": CORPUS[1], "simplified_instruction": [CORPUS[5], CORPUS[1]], "expanded_instruction": [CORPUS[4]]},
+    {"instruction": "lang.safetensors", "simplified_instruction": CORPUS[5],
+     "expanded_instruction": [CORPUS[3], "lang.safetensors.", CORPUS[1]]},
+]
+HDF5_TEXTS = [CORPUS[1], CORPUS[5], CORPUS[4], CORPUS[3]]  # distinct, in first-seen order
+
+
+def test_encode_lang_lists_the_hdf5_text_instructions(tmp_path):
+    from rdt_jax.data.hdf5_source import EpisodeError
+
+    mod = _load_encode_lang()
+    data_dir, robot, _ = _write_hdf5_episodes(tmp_path, HDF5_INSTRUCTIONS)
+    assert mod.hdf5_instructions((data_dir,), robot) == HDF5_TEXTS
+    # Several directories: still each text once, in first-seen order across them. An unreadable episode is an
+    # error, or with skip_bad_episodes left out with its instructions, which training never draws.
+    other, _, _ = _write_hdf5_episodes(tmp_path / "b", [{k: [CORPUS[0], CORPUS[4]] for k in robot.instruction_keys}])
+    bad = other / "episode_bad"
+    bad.mkdir()
+    (bad / "episode_bad.hdf5").write_bytes(b"not an HDF5 file")
+    (bad / robot.instruction_file).write_text(json.dumps(dict.fromkeys(robot.instruction_keys, CORPUS[2])))
+    with pytest.raises(EpisodeError, match=r"episode_bad\.hdf5: cannot open"):
+        mod.hdf5_instructions((data_dir, other), robot)
+    assert mod.hdf5_instructions((data_dir, other), robot, skip_bad_episodes=True) == [*HDF5_TEXTS, CORPUS[0]]
+
+
+def test_encode_lang_hdf5_dirs_into_the_store_training_checks(tok_dir, hf_factory, tmp_path, errs):
+    """--hdf5-dirs --store-dir gives training's embedding check every text it needs, each embedded as that
+    instruction alone (full 4096 width, as the store requires: one layer with tiny heads / FFN)."""
+    from rdt_jax.data.hdf5_source import HDF5Source
+    from rdt_jax.data.language import EmbeddingStore
+    from rdt_jax.training.data import check_instruction_embeddings
+
+    rel_err, _ = errs
+    tok = load_t5_tokenizer(tok_dir)
+    _, t5_dir = hf_factory("t5_encoder", vocab_size=len(tok), d_model=4096, d_ff=8, d_kv=4, num_heads=2,
+                           num_layers=1)
+    mod = _load_encode_lang()
+    data_dir, robot, robot_json = _write_hdf5_episodes(tmp_path, HDF5_INSTRUCTIONS)
+    src = HDF5Source(data_dir, robot)
+    store = EmbeddingStore(tmp_path / "store")
+    with pytest.raises(FileNotFoundError) as err:
+        check_instruction_embeddings(src, store, data_dir=data_dir, robot=str(robot_json))
+    # The message gives the command this test runs next.
+    assert (f"encode the text instructions with: python scripts/encode_lang.py --t5-dir T5_DIR "
+            f"--hdf5-dirs {data_dir} --robot {robot_json} --store-dir {store.directory}") in str(err.value)
+
+    common = ["--t5-dir", str(t5_dir), "--tokenizer-dir", str(tok_dir), "--dtype", "float32"]
+    written = mod.main([*common, "--hdf5-dirs", str(data_dir), "--robot", str(robot_json),
+                        "--store-dir", str(store.directory), "--batch-size", "3"])
+    assert written == [store.path(t) for t in HDF5_TEXTS]  # one file per distinct text, none for the paths
+    assert sorted(p.name for p in store.directory.iterdir()) == sorted(store.filename(t) for t in HDF5_TEXTS)
+    check_instruction_embeddings(src, store)
+
+    # Batched with other texts and padded, an embedding equals that of its text encoded on its own.
+    out_dir = tmp_path / "single"
+    for i, text in enumerate(HDF5_TEXTS[2:]):  # one from the full first batch, one from the padded last
+        mod.main([*common, "--instruction", text, "--name", f"t{i}", "--out-dir", str(out_dir),
+                  "--formats", "safetensors"])
+        alone = load_lang_embedding(out_dir / f"t{i}.safetensors")
+        stored = store.get(text)
+        assert stored.shape == alone.shape == (int(tokenize(tok, [text])[1].sum()), 4096)
+        assert rel_err(stored, alone) <= 1e-6
+    assert rel_err(store.get(HDF5_TEXTS[0])[:1], store.get(HDF5_TEXTS[1])[:1]) > 1e-2  # texts do differ
+
+
+def test_encode_lang_hdf5_dirs_without_text_instructions(tmp_path):
+    """All instructions precomputed: an error naming the directory, before T5 would be loaded (the T5
+    directory here does not exist, so loading it would fail differently)."""
+    mod = _load_encode_lang()
+    data_dir, _, robot_json = _write_hdf5_episodes(tmp_path)
+    store_dir = tmp_path / "store"
+    args = mod.Args(t5_dir=tmp_path / "no_t5", hdf5_dirs=(data_dir,), robot=str(robot_json), store_dir=store_dir)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(data_dir))}: no text instructions .*nothing to encode"):
+        mod.encode(args)
+    assert not store_dir.exists()
+    with pytest.raises(ValueError, match="exactly one of --instruction, --instructions-file, --rlds-dirs and "
+                                         "--hdf5-dirs"):
+        mod.encode(dataclasses.replace(args, instruction="open the drawer"))
+    with pytest.raises(ValueError, match="only apply to --hdf5-dirs"):
+        mod.encode(mod.Args(t5_dir=tmp_path / "no_t5", instruction="open the drawer", out_dir=tmp_path / "out",
+                            skip_bad_episodes=True))
+
+
+def test_encode_lang_reports_bad_inputs_in_one_line(tmp_path):
+    """The command line prints the error naming the file or option, not a traceback."""
+    mod = _load_encode_lang()
+    data_dir, _, _ = _write_hdf5_episodes(tmp_path, HDF5_INSTRUCTIONS)
+    t5_dir = tmp_path / "t5"
+    t5_dir.mkdir()  # never loaded: the inputs are refused first
+    missing_robot = tmp_path / "no_such_robot.json"
+    with pytest.raises(SystemExit, match=rf"^error: .*{re.escape(str(missing_robot))}"):
+        mod.main(["--t5-dir", str(t5_dir), "--hdf5-dirs", str(data_dir), "--robot", str(missing_robot),
+                  "--store-dir", str(tmp_path / "store")])
+    bad = data_dir / "episode_bad"
+    bad.mkdir()
+    (bad / "episode_bad.hdf5").write_bytes(b"not an HDF5 file")
+    with pytest.raises(SystemExit, match=r"^error: .*episode_bad\.hdf5: cannot open HDF5 file"):
+        mod.main(["--t5-dir", str(t5_dir), "--hdf5-dirs", str(data_dir), "--store-dir", str(tmp_path / "store")])

@@ -36,7 +36,12 @@ def test_missing_instruction_embeddings_are_found_before_training(tmp_path):
     assert msg.startswith(f"{2 * len(keys)} instruction embedding(s) missing")
     assert f"episode_001/{robot.instruction_file}: instruction 'pick the cup' has no embedding in" in msg
     assert f"episode_002/{robot.instruction_file}: embedding file {root / 'episode_002' / 'gone.pt'} not found" in msg
-    with pytest.raises(FileNotFoundError, match=r"is text and no --data\.lang-embed-dir is given"):
+    # The message ends with the command that encodes the text instructions for exactly this data.
+    assert msg.endswith(f"\nencode the text instructions with: python scripts/encode_lang.py --t5-dir T5_DIR "
+                        f"--hdf5-dirs {root} --robot {robot_json} --store-dir {store.directory}")
+    with pytest.raises(FileNotFoundError, match=r"(?s)is text and no --data\.lang-embed-dir is given.*"
+                                                r"--store-dir LANG_DIR \(then train with --data\.lang-embed-dir "
+                                                r"LANG_DIR\)$"):
         build_data(dataclasses.replace(cfg, lang_embed_dir=None), output_dir=str(tmp_path / "run2"), local_batch=2,
                    local_sample_batch=0, image_size=16, horizon=8, seed=0)
 
