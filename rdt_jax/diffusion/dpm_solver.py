@@ -37,6 +37,10 @@ class DPMSolverPlan:
     coef_model: np.ndarray  # c = alpha_next * (exp(-h) - 1), (n,) float32
     inv_r0: np.ndarray  # (n,) float32
     order: np.ndarray  # (n,) int32
+    # alpha_t and sigma_t at each step's own timestep, (n,) float32: an epsilon prediction e becomes the
+    # data prediction (x - sigma_t e) / alpha_t, as diffusers' convert_model_output does.
+    alpha_t: np.ndarray
+    sigma_t: np.ndarray
 
 
 def _alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
@@ -79,4 +83,4 @@ def dpm_solver_plan(
             h0 = np.float32(lambdas[k] - lambdas[k - 1])
             inv_r0[k] = np.float32(np.float32(1.0) / np.float32(h0 / h))
             order[k] = 2
-    return DPMSolverPlan(timesteps, sigmas, coef_sample, coef_model, inv_r0, order)
+    return DPMSolverPlan(timesteps, sigmas, coef_sample, coef_model, inv_r0, order, alphas[:n], s_vals[:n])

@@ -25,6 +25,11 @@ def _check(name: str, x: Any, shape: tuple[int | None, ...]) -> None:
         raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
 
 
+# What the network predicts: the clean action chunk (every released RDT config), or the noise (the official
+# code's other branch, DIFFUSION.md §3).
+PREDICTION_TYPES = ("sample", "epsilon")
+
+
 class RDTPolicy(nnx.Module):
     def __init__(self, cfg: RDTConfig, *, rngs: nnx.Rngs):
         if cfg.state_token_dim != cfg.action_dim:
@@ -38,10 +43,9 @@ class RDTPolicy(nnx.Module):
         self.lang_adaptor = Adaptor(cfg.lang_adaptor, cfg.lang_token_dim, cfg.hidden_size, **kw)
         self.img_adaptor = Adaptor(cfg.img_adaptor, cfg.img_token_dim, cfg.hidden_size, **kw)
         self.state_adaptor = Adaptor(cfg.state_adaptor, 2 * cfg.state_token_dim, cfg.hidden_size, **kw)
-        if cfg.noise_scheduler.prediction_type != "sample":
-            raise ValueError(
-                f"prediction_type {cfg.noise_scheduler.prediction_type!r} is not supported; RDT predicts 'sample'"
-            )
+        if cfg.noise_scheduler.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"noise_scheduler.prediction_type {cfg.noise_scheduler.prediction_type!r} is not "
+                             f"one of {PREDICTION_TYPES} (RDT's configs use 'sample')")
 
     @property
     def alphas_cumprod(self) -> np.ndarray:
@@ -83,7 +87,8 @@ class RDTPolicy(nnx.Module):
         noise: jax.Array,
         timesteps: jax.Array,
     ) -> jax.Array:
-        """Unmasked MSE between the predicted and the clean action chunk (DIFFUSION.md §3), in float32."""
+        """Unmasked MSE between the prediction and its target, the clean action chunk (or the noise, for
+        ``prediction_type="epsilon"``; DIFFUSION.md §3), in float32."""
         cfg = self.config
         self._check_common(lang_attn_mask, state_tokens, action_mask, ctrl_freqs, lang_tokens)
         b = lang_tokens.shape[0]
@@ -95,7 +100,8 @@ class RDTPolicy(nnx.Module):
         lang_c, img_c = self.adapt_conditions(lang_tokens, img_tokens)
         x = self.adapt_state_action(traj, action_mask)
         pred = self.model(x, ctrl_freqs, timesteps, lang_c, img_c, lang_attn_mask)
-        return jnp.mean(jnp.square(pred.astype(jnp.float32) - action_gt.astype(jnp.float32)))
+        target = noise if cfg.noise_scheduler.prediction_type == "epsilon" else action_gt
+        return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
 
     # ------------------------------------------------------------------ sampling
     def predict_action(
@@ -129,23 +135,27 @@ class RDTPolicy(nnx.Module):
         cond_kv = self.model.precompute_cond_kv(lang_c, img_c) if cache_cond_kv else None
         mask = jnp.broadcast_to(action_mask, noise.shape).astype(jnp.float32)
 
+        predicts_noise = cfg.noise_scheduler.prediction_type == "epsilon"
+
         def step(carry, consts):
             x, m_prev = carry
-            t, coef_sample, coef_model, inv_r0 = consts
+            t, coef_sample, coef_model, inv_r0, alpha_t, sigma_t = consts
             seq = jnp.concatenate([state_traj, self.adapt_state_action(x.astype(cfg.jnp_dtype), action_mask)], 1)
             if cond_kv is None:
-                m = self.model(seq, ctrl_freqs, t[None], lang_c, img_c, lang_attn_mask)
+                out = self.model(seq, ctrl_freqs, t[None], lang_c, img_c, lang_attn_mask)
             else:
-                m = self.model(seq, ctrl_freqs, t[None], lang_mask=lang_attn_mask, cond_kv=cond_kv)
-            m32 = m.astype(jnp.float32)
+                out = self.model(seq, ctrl_freqs, t[None], lang_mask=lang_attn_mask, cond_kv=cond_kv)
+            out32 = out.astype(jnp.float32)
+            m32 = (x - sigma_t * out32) / alpha_t if predicts_noise else out32  # the data prediction
             d1 = inv_r0 * (m32 - m_prev)
             x_next = coef_sample * x - coef_model * m32 - 0.5 * coef_model * d1
-            trace = (seq, x, m32, x_next) if capture else None
+            trace = (seq, x, out32, x_next) if capture else None
             return (x_next, m32), trace
 
         consts = tuple(
             jnp.asarray(a)
-            for a in (plan.timesteps.astype(np.int32), plan.coef_sample, plan.coef_model, plan.inv_r0)
+            for a in (plan.timesteps.astype(np.int32), plan.coef_sample, plan.coef_model, plan.inv_r0,
+                      plan.alpha_t, plan.sigma_t)
         )
         x0 = noise.astype(jnp.float32)
         (x, _), trace = jax.lax.scan(step, (x0, jnp.zeros_like(x0)), consts)

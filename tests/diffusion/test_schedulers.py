@@ -52,6 +52,9 @@ def test_dpm_tables_and_timesteps(schedule, cases):
     np.testing.assert_allclose(plan.sigmas, cases["sched.dpm.sigmas"], rtol=1e-6)
     assert plan.sigmas[-1] == 0
     np.testing.assert_array_equal(plan.order, [1, 2, 2, 2, 1])
+    # Each step's own alpha_t and sigma_t (for epsilon predictions), from diffusers' tables.
+    assert_close(plan.alpha_t, cases["sched.dpm.alpha_t"][plan.timesteps], 1e-6, "plan alpha_t")
+    assert_close(plan.sigma_t, cases["sched.dpm.sigma_t"][plan.timesteps], 1e-6, "plan sigma_t")
 
 
 def test_dpm_coefficients_match_documented_table(schedule):

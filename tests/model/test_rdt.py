@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,3 +75,62 @@ def test_param_dtype_and_compute_dtype_are_separate():
 def test_state_and_action_dims_must_agree():
     with pytest.raises(ValueError, match="state_token_dim"):
         RDTPolicy(_cfg(state_token_dim=5), rngs=nnx.Rngs(0))
+
+
+def _epsilon_runner() -> rdt_jax.RDTRunner:
+    from tests.test_runner import randomised_runner, tiny_config
+
+    cfg = tiny_config()
+    cfg = cfg.replace(noise_scheduler=dataclasses.replace(cfg.noise_scheduler, prediction_type="epsilon"))
+    return randomised_runner(cfg, seed=3)
+
+
+def test_epsilon_prediction_trains_on_the_noise():
+    """The official code's other branch (DIFFUSION.md §3): the target is the noise, not the action chunk."""
+    from rdt_jax.diffusion import add_noise
+    from tests.test_runner import PA, tiny_inputs
+
+    runner = _epsilon_runner()
+    cfg, inp = runner.config, tiny_inputs(runner.config)
+    rng = np.random.default_rng(5)
+    noise = rng.standard_normal(inp["action_gt"].shape).astype(np.float32)
+    t = np.array([17, 640])
+    loss = runner.compute_loss(*(inp[k] for k in PA[:4]), inp["action_gt"], inp["action_mask"], inp["ctrl_freqs"],
+                               noise=noise, timesteps=t)
+    # The network's output for the same noisy input, assembled by hand from the policy's parts.
+    policy = nnx.merge(runner.graphdef, runner.state)
+    noisy = add_noise(policy.alphas_cumprod, jnp.asarray(inp["action_gt"]), jnp.asarray(noise), jnp.asarray(t))
+    lang_c, img_c = policy.adapt_conditions(jnp.asarray(inp["lang_tokens"]), jnp.asarray(inp["img_tokens"]))
+    x = policy.adapt_state_action(jnp.concatenate([jnp.asarray(inp["state_tokens"]), noisy], 1),
+                                  jnp.asarray(inp["action_mask"]))
+    pred = np.asarray(runner.model(x, inp["ctrl_freqs"], t, lang_c, img_c, inp["lang_attn_mask"]), np.float64)
+    np.testing.assert_allclose(float(loss), np.mean((pred - noise) ** 2), rtol=1e-5)
+    assert abs(float(loss) - np.mean((pred - inp["action_gt"]) ** 2)) > 1e-3
+    assert cfg.noise_scheduler.prediction_type == "epsilon"
+
+
+def test_epsilon_prediction_samples_through_the_data_prediction():
+    """Each step turns the predicted noise e into x0 = (x - sigma_t e) / alpha_t (alpha_t = sqrt(acp[t]),
+    sigma_t = sqrt(1 - acp[t]); diffusers' convert_model_output) and takes the DPM-Solver++ step on x0."""
+    from rdt_jax.diffusion import dpm_solver_plan
+    from tests.test_runner import PA, tiny_inputs
+
+    runner = _epsilon_runner()
+    inp = tiny_inputs(runner.config)
+    noise = np.random.default_rng(6).standard_normal(inp["action_gt"].shape).astype(np.float32)
+    actions, trace = runner.predict_action(*(inp[k] for k in PA), noise=noise, capture=True)
+    acp = nnx.merge(runner.graphdef, runner.state).alphas_cumprod.astype(np.float64)
+    plan = dpm_solver_plan(acp.astype(np.float32), runner.config.noise_scheduler.num_inference_timesteps)
+    x, x0_prev = noise.astype(np.float64), np.zeros_like(noise, np.float64)
+    for k, t in enumerate(plan.timesteps):
+        np.testing.assert_allclose(np.asarray(trace["step_sample_in"][k]), x, rtol=1e-4, atol=1e-5)
+        eps = np.asarray(trace["step_model_output"][k], np.float64)
+        x0 = (x - np.sqrt(1 - acp[t]) * eps) / np.sqrt(acp[t])
+        x = (plan.coef_sample[k] * x - plan.coef_model[k] * x0
+             - 0.5 * plan.coef_model[k] * plan.inv_r0[k] * (x0 - x0_prev))
+        x0_prev = x0
+    np.testing.assert_allclose(np.asarray(actions), x * inp["action_mask"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"prediction_type 'v_prediction' is not one of \('sample', 'epsilon'\)"):
+        cfg = runner.config
+        RDTPolicy(cfg.replace(noise_scheduler=dataclasses.replace(cfg.noise_scheduler, prediction_type="v_prediction")),
+                  rngs=nnx.Rngs(0))
