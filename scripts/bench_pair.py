@@ -181,7 +181,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--official-dtype", default="bf16autocast", choices=["fp32", "bf16autocast"])
     ap.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--remat", default="none", choices=["none", "full", "save_dots", "save_cond_kv"])
+    ap.add_argument("--remat", default="none", choices=["none", "full", "save_dots", "save_cond_kv",
+                                                        "save_cond_kv_and_tokens"])
     ap.add_argument("--layer-layout", default="auto", choices=["auto", "stacked", "per_layer"])
     ap.add_argument("--runs", type=int, default=8, help="timed steps per program")
     ap.add_argument("--official-huge-pages", action="store_true",

@@ -180,7 +180,7 @@ def test_remat_changes_nothing_numerically(dtype, tol):
         return jax.jit(jax.value_and_grad(fn))(params)
 
     l1, g1 = grads(randomised_runner(cfg))
-    for remat in ("full", "save_dots", "save_cond_kv"):
+    for remat in ("full", "save_dots", "save_cond_kv", "save_cond_kv_and_tokens"):
         l2, g2 = grads(randomised_runner(cfg.replace(remat=remat)))
         assert_close(l2, l1, tol / 10, f"{remat} loss")
         for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
@@ -215,6 +215,12 @@ def test_save_cond_kv_remat_does_not_recompute_the_condition_products(dtype):
     none, full, saved = dots("none"), dots("full"), dots("save_cond_kv")
     assert full > none  # the stacked scan body is one remat region: its forward runs again
     assert full - saved == 4
+    # "save_cond_kv_and_tokens" also keeps each block's six linear products over the action tokens
+    # (qkv and output projection of self-attention, query and output projection of cross-attention,
+    # the two MLP layers): 11 more products per pair not recomputed, as the pair's last one (the image
+    # block's second MLP layer) is not needed by the backward and "full" skips it already. (At batch
+    # 2 the per-head attention products are batched, so not among them.)
+    assert full - dots("save_cond_kv_and_tokens") == 4 + 11
 
 
 def test_random_init_follows_official_recipe():

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 NormForm = Literal["timm_var", "rms"]
 AttentionImpl = Literal["xla", "cudnn", "pallas", "reference"]
-RematPolicy = Literal["none", "full", "save_dots", "save_cond_kv"]
+RematPolicy = Literal["none", "full", "save_dots", "save_cond_kv", "save_cond_kv_and_tokens"]
 LayerLayout = Literal["stacked", "per_layer"]
 
 _ADAPTOR_RE = re.compile(r"^mlp(\d+)x_gelu$")

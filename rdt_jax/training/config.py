@@ -10,7 +10,7 @@ import dataclasses
 import pathlib
 from typing import Literal
 
-from rdt_jax.model.config import EmaConfig
+from rdt_jax.model.config import EmaConfig, RematPolicy
 
 
 class ConfigError(ValueError):
@@ -29,7 +29,7 @@ class ModelConfig:
     pred_horizon: int | None = None  # tiny only (the released models predict 64 steps)
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute (bf16 = official mixed precision)
-    remat: Literal["none", "full", "save_dots", "save_cond_kv"] = "none"
+    remat: RematPolicy = "none"
     # How the train step runs the blocks (checkpoints store them stacked either way, so a run may
     # resume in the other layout): "stacked" = lax.scan over layers, compile time flat in depth;
     # "per_layer" = the train state (params, EMA, Adam moments) holds each block separately and the
