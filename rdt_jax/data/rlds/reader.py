@@ -120,7 +120,13 @@ class EpisodeStore:
         import tensorflow_datasets as tfds
 
         if isinstance(feat, tfds.features.Image):
-            img = feat.decode_example_np(value)
+            try:
+                img = feat.decode_example_np(value)
+            # A corrupt frame surfaces from the image library as anything (an AttributeError on None for
+            # bytes that are not an image): name the episode, camera and step instead.
+            except Exception as e:
+                raise ValueError(f"{episode.where}: camera {key!r} step {step}: the frame does not decode as "
+                                 f"{feat.encoding_format or 'an image'} ({type(e).__name__}: {e})") from e
         else:  # stored as a raw uint8 tensor
             img = np.asarray(value)
         img = np.asarray(img)

@@ -8,6 +8,7 @@ test. Cameras / frequencies come from the official JSON files in ../shared.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -392,6 +393,21 @@ def test_wrong_feature_shape_names_dataset_and_key(tiny_datasets):
     src._cache.clear()
     with pytest.raises(KeyError, match=r"toto needs step feature 'observation/joints'"):
         src.get(0, np.random.default_rng(0))
+
+
+def test_corrupt_frame_names_episode_camera_and_step(tiny_datasets):
+    """tfds's image decoder fails on bytes that are not an image with an AttributeError on None; the
+    reader says which episode, camera and step it was reading."""
+    ds = tiny_datasets["toto"]
+    store = RldsSource(ds.dir, "toto").store
+    episode = store.read(0)
+    frames = episode.steps["observation/image"].copy()
+    frames[3] = b"not an image"
+    episode.steps["observation/image"] = frames
+    assert store.decode_image(episode, "image", 2).shape[-1] == 3  # its neighbours still decode
+    with pytest.raises(ValueError, match=rf"^{re.escape(episode.where)}: camera 'image' step 3: the frame does "
+                                         r"not decode as png \(AttributeError"):
+        store.decode_image(episode, "image", 3)
 
 
 def test_reader_never_imports_tensorflow(tiny_datasets):
