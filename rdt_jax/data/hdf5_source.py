@@ -35,14 +35,12 @@ import h5py
 import numpy as np
 
 from rdt_jax.data import action_space
+from rdt_jax.data.bad_samples import BadSampleLog, first_readable
 from rdt_jax.data.jpeg import decode_jpeg
 from rdt_jax.data.robot_config import RobotConfig
 from rdt_jax.data.schema import IMG_HISTORY, RawSample
 
 log = logging.getLogger(__name__)
-
-MAX_REDRAWS = 64  # consecutive failed draws before `get` gives up: the data are broken, not a few episodes
-_MAX_WARNED = 100  # distinct read errors named in warnings per source copy
 _INDEX_VERSION = 1
 
 
@@ -235,14 +233,13 @@ class HDF5Source:
         self._arrays: collections.OrderedDict[int, _EpisodeArrays] = collections.OrderedDict()
         self._arrays_lock = threading.Lock()
         self._local = threading.local()
-        self._warned: set[str] = set()
-        self.bad_sample_count = 0
+        self.bad_samples = BadSampleLog(self.dataset_name)
 
     def __getstate__(self) -> dict[str, Any]:
         # Open files, locks and thread-locals do not pickle (e.g. to multiprocessing workers):
         # a copy starts with empty caches.
         state = self.__dict__.copy()
-        for k in ("_arrays", "_arrays_lock", "_local", "_warned", "bad_sample_count"):
+        for k in ("_arrays", "_arrays_lock", "_local", "bad_samples"):
             del state[k]
         return state
 
@@ -482,30 +479,14 @@ class HDF5Source:
     def get(self, index: int, rng: np.random.Generator) -> RawSample:
         """A random sample. With `skip_bad_episodes`, a draw whose data fail to read (a frame that does
         not decode, a file changed since the scan) is named in a warning and replaced by a fresh draw from
-        the same `rng`, so a run over reproducibly corrupt data still resumes exactly."""
+        the same `rng` (rdt_jax.data.bad_samples)."""
         del index  # HDF5 sampling is random like the official loader; rng carries (seed, index)
-        last: EpisodeError | None = None
-        for _ in range(MAX_REDRAWS):
-            e, step_id = self.choose(rng)
-            try:
-                return self.sample_at(e, step_id, rng)
-            except EpisodeError as err:
-                if not self.skip_bad_episodes:
-                    raise
-                self._warn_bad_sample(str(err))
-                last = err
-        raise EpisodeError(f"{self.dataset_name}: {MAX_REDRAWS} draws in a row failed to read; "
-                           f"the last: {last}") from last
 
-    def _warn_bad_sample(self, message: str) -> None:
-        # Once per distinct error: a bad frame is drawn again and again over a long run.
-        with self._arrays_lock:
-            self.bad_sample_count += 1
-            if message in self._warned or len(self._warned) >= _MAX_WARNED:
-                return
-            self._warned.add(message)
-        log.warning("%s: skipping a sample that failed to read (--data.skip-bad-episodes): %s",
-                    self.dataset_name, message)
+        def draw() -> RawSample:
+            return self.sample_at(*self.choose(rng), rng)
+
+        return first_readable(draw, (EpisodeError,), self.bad_samples if self.skip_bad_episodes else None,
+                              self.dataset_name)
 
     def sample_at(self, episode: int, step_id: int, rng: np.random.Generator | None = None) -> RawSample:
         """The sample of step `step_id` of episode `episode` (rng only picks the instruction)."""

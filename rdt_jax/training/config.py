@@ -76,7 +76,8 @@ class DataConfig:
     skip_bad_episodes: bool = False
     """hdf5 data: leave out the episode files that the scan before training finds unreadable (corrupt, missing
     keys, wrong shapes, non-finite values) and name them in a warning, instead of stopping with the first
-    one's error; during training, a sample whose frames fail to decode is named in a warning and redrawn."""
+    one's error. hdf5 and rlds data: during training, a sample whose frames fail to decode is named in a
+    warning and replaced by another draw."""
     rlds_dirs: tuple[str, ...] = ()
     weights_file: str | None = None  # {dataset: weight} JSON (pretrain_sample_weights.json)
     # "per_episode": the weights are shares of episode visits, as the official pretraining (DATA.md §5.2);
@@ -108,7 +109,7 @@ class DataConfig:
         # A data option of another kind would be ignored silently (e.g. the debug preset's demo data
         # trained on instead of --data.hdf5-dir): refuse it.
         ignored = {"demo": ("hdf5_dir", "rlds_dirs"), "hdf5": ("rlds_dirs",), "rlds": ("hdf5_dir",)}[self.kind]
-        if self.kind != "hdf5":
+        if self.kind == "demo":
             ignored += ("skip_bad_episodes",)
         given = [f"--data.{n.replace('_', '-')}" for n in ignored if getattr(self, n)]
         if self.kind == "demo" and self.robot != "aloha_agilex":

@@ -228,11 +228,11 @@ def test_bad_frames_at_sample_time_are_redrawn_when_skipping(tmp_path, small_rob
     with caplog.at_level("WARNING"):
         first = draws(src)
     assert all(ep.endswith("good.hdf5") or step < 10 for ep, step in first)  # step 10 reads frames 9 and 10
-    assert src.bad_sample_count > 0
+    assert src.bad_samples.count > 0
     assert f"{bad}: '/observations/images/cam_high' step" in caplog.text
-    warned, count = len(caplog.records), src.bad_sample_count
+    warned, count = len(caplog.records), src.bad_samples.count
     assert draws(src) == first
-    assert src.bad_sample_count == 2 * count and len(caplog.records) == warned  # each bad frame named once
+    assert src.bad_samples.count == 2 * count and len(caplog.records) == warned  # each bad frame named once
     assert draws(HDF5Source(tmp_path, small_robot, skip_bad_episodes=True)) == first
 
 

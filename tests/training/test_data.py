@@ -77,6 +77,7 @@ def test_skip_bad_episodes_leaves_out_and_names_unreadable_files(tmp_path, caplo
     assert next(iter(data.train))["actions"].shape[0] == 2
 
 
-def test_skip_bad_episodes_is_refused_for_other_data_kinds():
+def test_skip_bad_episodes_is_refused_for_demo_data():
     with pytest.raises(ValueError, match=r"--data\.skip-bad-episodes"):
         DataConfig(kind="demo", skip_bad_episodes=True)
+    assert DataConfig(kind="rlds", rlds_dirs=("d",), skip_bad_episodes=True).skip_bad_episodes

@@ -32,6 +32,10 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class FrameError(ValueError):
+    """A camera frame that does not decode to an (H, W, 3) uint8 image; the message names where."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RawEpisode:
     """One parsed episode: `steps` maps a '/'-path inside a step (e.g. `observation/state`)
@@ -125,7 +129,7 @@ class EpisodeStore:
             # A corrupt frame surfaces from the image library as anything (an AttributeError on None for
             # bytes that are not an image): name the episode, camera and step instead.
             except Exception as e:
-                raise ValueError(f"{episode.where}: camera {key!r} step {step}: the frame does not decode as "
+                raise FrameError(f"{episode.where}: camera {key!r} step {step}: the frame does not decode as "
                                  f"{feat.encoding_format or 'an image'} ({type(e).__name__}: {e})") from e
         else:  # stored as a raw uint8 tensor
             img = np.asarray(value)
@@ -133,7 +137,7 @@ class EpisodeStore:
         if img.ndim == 2:
             img = img[..., None]
         if img.ndim != 3 or img.dtype != np.uint8 or img.shape[-1] not in (1, 3):
-            raise ValueError(
+            raise FrameError(
                 f"{episode.where}: camera {key!r} step {step} frame has shape {img.shape} "
                 f"{img.dtype}, expected (H, W, 3) uint8"
             )

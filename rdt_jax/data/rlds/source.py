@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import pathlib
 import threading
@@ -24,8 +25,9 @@ import threading
 import numpy as np
 
 from rdt_jax.data.action_space import SLOT_NAMES
+from rdt_jax.data.bad_samples import BadSampleLog, first_readable
 from rdt_jax.data.rlds import registry
-from rdt_jax.data.rlds.reader import EpisodeStore, RawEpisode
+from rdt_jax.data.rlds.reader import EpisodeStore, FrameError, RawEpisode
 from rdt_jax.data.rlds.spec import DatasetSpec, episode_states_and_masks
 from rdt_jax.data.schema import ACTION_HORIZON, IMG_HISTORY, NUM_CAMERAS, RawSample
 
@@ -153,7 +155,10 @@ class RldsSource:
         *,
         horizon: int = ACTION_HORIZON,
         cache_episodes: int = 4,
+        skip_bad_frames: bool = False,
     ):
+        """``skip_bad_frames``: a sample whose camera frames do not decode is named in a warning and
+        replaced by another drawn from the same rng (rdt_jax.data.bad_samples), instead of stopping."""
         self.builder_dir = pathlib.Path(builder_dir)
         self.store = EpisodeStore(self.builder_dir)
         self.dataset_name = dataset_name or self.store.info.name
@@ -179,6 +184,8 @@ class RldsSource:
         self._cache: collections.OrderedDict[int, EpisodeData] = collections.OrderedDict()
         self._cache_size = cache_episodes
         self._lock = threading.Lock()
+        self.skip_bad_frames = skip_bad_frames
+        self.bad_samples = BadSampleLog(self.dataset_name)
 
     def __len__(self) -> int:
         return self.index.num_entries
@@ -242,8 +249,14 @@ class RldsSource:
         return record, step
 
     def get(self, index: int, rng: np.random.Generator) -> RawSample:
-        record, step = self.locate(index, rng)
-        return self.sample(record, step)
+        # The sample at `index`, then (only if its frames do not decode) random replacements.
+        indices = itertools.chain([index], iter(lambda: int(rng.integers(len(self))), None))
+
+        def draw() -> RawSample:
+            return self.sample(*self.locate(next(indices), rng))
+
+        return first_readable(draw, (FrameError,), self.bad_samples if self.skip_bad_frames else None,
+                              self.dataset_name)
 
     def sample(self, record: int, step: int) -> RawSample:
         ep = self.episode(record)

@@ -410,6 +410,45 @@ def test_corrupt_frame_names_episode_camera_and_step(tiny_datasets):
         store.decode_image(episode, "image", 3)
 
 
+def test_bad_frames_are_redrawn_when_skipping(tiny_datasets, caplog):
+    """With skip_bad_frames a sample whose frames do not decode is replaced by a draw from the same rng: the
+    same samples from a fresh source (exact resume), each bad frame named once; without it the error stops."""
+    from rdt_jax.data.rlds.reader import FrameError
+
+    ds = tiny_datasets["toto"]
+    bad_steps = {10, 11}  # samples at steps 10, 11 and 12 read one of them
+
+    def with_bad_frames(src):
+        decode = src.store.decode_image
+
+        def decode_or_fail(episode, key, step):
+            if step in bad_steps:
+                raise FrameError(f"{episode.where}: camera {key!r} step {step}: the frame does not decode")
+            return decode(episode, key, step)
+
+        src.store.decode_image = decode_or_fail
+        return src
+
+    strict = with_bad_frames(RldsSource(ds.dir, "toto"))
+    with pytest.raises(FrameError, match="step 10: the frame does not decode"):
+        strict.get(11, np.random.default_rng(11))
+
+    def steps(src):
+        return [src.get(i, np.random.default_rng([7, i])).step_id for i in range(LONG)]
+
+    skipping = with_bad_frames(RldsSource(ds.dir, "toto", skip_bad_frames=True))
+    with caplog.at_level("WARNING"):
+        got = steps(skipping)
+    assert [t for i, t in enumerate(got) if i not in (10, 11, 12)] == [i for i in range(LONG) if i not in (10, 11, 12)]
+    assert all(t not in (10, 11, 12) for t in got)
+    assert skipping.bad_samples.count >= 3
+    assert caplog.text.count("skipping a sample that failed to read") == 2  # steps 10 and 11, once each
+    assert steps(with_bad_frames(RldsSource(ds.dir, "toto", skip_bad_frames=True))) == got
+    bad_steps.update(range(LONG))
+    with pytest.raises(FrameError, match=r"toto: 64 draws in a row failed to read; the last: .*does not decode"):
+        skipping.get(0, np.random.default_rng(0))
+
+
 def test_reader_never_imports_tensorflow(tiny_datasets):
     ds = tiny_datasets["droid"]
     code = textwrap.dedent(f"""
