@@ -153,17 +153,16 @@ def encode(args: Args) -> list[pathlib.Path]:
     else:
         if args.instructions_file:
             texts = read_instructions(args.instructions_file)
+        elif args.rlds_dirs:
+            dirs, texts, what = args.rlds_dirs, rlds_instructions(args.rlds_dirs), "no instructions"
         else:
-            if args.rlds_dirs:
-                dirs, texts, what = args.rlds_dirs, rlds_instructions(args.rlds_dirs), "no instructions"
-            else:
-                dirs = args.hdf5_dirs
-                texts = hdf5_instructions(dirs, load_robot_config(args.robot), args.skip_bad_episodes)
-                what = ("no text instructions (every instruction entry names a precomputed .pt/.safetensors "
-                        "embedding file, which training reads directly)")
-            # Checked before T5 is loaded (minutes for the XXL model) only to encode nothing.
-            if not texts:
-                raise UsageError(f"{', '.join(map(str, dirs))}: {what}; nothing to encode")
+            dirs = args.hdf5_dirs
+            texts = hdf5_instructions(dirs, load_robot_config(args.robot), args.skip_bad_episodes)
+            what = ("no text instructions (every instruction entry names a precomputed .pt/.safetensors "
+                    "embedding file, which training reads directly)")
+        # Checked before T5 is loaded (minutes for the XXL model) only to encode nothing.
+        if not texts and not args.instructions_file:
+            raise UsageError(f"{', '.join(map(str, dirs))}: {what}; nothing to encode")
         stems = [f"lang_embed_{i}" for i in range(len(texts))]
     store = EmbeddingStore(args.store_dir) if args.store_dir is not None else None
     dtype = jnp.dtype(args.dtype)

@@ -18,3 +18,21 @@ def assert_close(actual, expected, tol: float, what: str = "") -> None:
     assert np.all(np.isfinite(a)), f"{what}: non-finite values"
     err = rel_err(a, expected)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
+
+
+def run_together(cmds: list[list[str]], envs: list[dict[str, str]], timeout: float, cwd=None) -> list[str]:
+    """Runs the commands at the same time (each with its environment), kills what is left after
+    ``timeout`` seconds, asserts that each exited with 0 and returns their combined stdout/stderr."""
+    import subprocess
+
+    procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+             for c, e in zip(cmds, envs, strict=True)]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    return outs

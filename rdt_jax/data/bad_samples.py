@@ -41,8 +41,7 @@ class BadSampleLog:
                     self.dataset_name, message)
 
 
-def first_readable(draw: Callable[[], T], errors: tuple[type[Exception], ...], skip: BadSampleLog | None,
-                   dataset_name: str) -> T:
+def first_readable(draw: Callable[[], T], errors: tuple[type[Exception], ...], skip: BadSampleLog | None) -> T:
     """``draw()``, drawn again after each of ``errors`` when ``skip`` is given (else the error propagates)."""
     last: Exception | None = None
     for _ in range(MAX_REDRAWS):
@@ -53,4 +52,4 @@ def first_readable(draw: Callable[[], T], errors: tuple[type[Exception], ...], s
                 raise
             skip.skipped(err)
             last = err
-    raise type(last)(f"{dataset_name}: {MAX_REDRAWS} draws in a row failed to read; the last: {last}") from last
+    raise type(last)(f"{skip.dataset_name}: {MAX_REDRAWS} draws in a row failed to read; the last: {last}") from last

@@ -485,8 +485,7 @@ class HDF5Source:
         def draw() -> RawSample:
             return self.sample_at(*self.choose(rng), rng)
 
-        return first_readable(draw, (EpisodeError,), self.bad_samples if self.skip_bad_episodes else None,
-                              self.dataset_name)
+        return first_readable(draw, (EpisodeError,), self.bad_samples if self.skip_bad_episodes else None)
 
     def sample_at(self, episode: int, step_id: int, rng: np.random.Generator | None = None) -> RawSample:
         """The sample of step `step_id` of episode `episode` (rng only picks the instruction)."""

@@ -21,6 +21,7 @@ from rdt_jax.training.checkpoints import export_inference
 from rdt_jax.training.config import PRESETS, CheckpointConfig
 from rdt_jax.training.loop import NonFiniteLossError, RunSetupError, check_finite, train
 from rdt_jax.training.train_step import rdt_config
+from tests.helpers import run_together
 from tests.training import tiny
 from tests.training.conftest import CACHE_ENV
 
@@ -68,16 +69,7 @@ def runs(tmp_path_factory):
     ref, chain = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("chain")
     # The reference keeps 3 checkpoints so that the interrupted run's intermediate ones can be compared.
     cmds = [_cmd(ref, "--num-steps", str(N), "--checkpoint.max-to-keep", "3"), _cmd(chain, "--num-steps", "6")]
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=ENV)
-             for c in cmds]
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, o in zip(procs, outs, strict=True):
-        assert p.returncode == 0, o[-4000:]
+    run_together(cmds, [ENV, ENV], timeout=300, cwd=REPO)
     return ref, chain
 
 
@@ -249,16 +241,8 @@ def _two_processes(script, args, timeout: int) -> None:
 
     port = portpicker.pick_unused_port()
     env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), *map(str, args(i))],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-             for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    run_together([[sys.executable, str(script), f"127.0.0.1:{port}", str(i), *map(str, args(i))] for i in range(2)],
+                 [env, env], timeout=timeout, cwd=REPO)
 
 
 def test_two_processes_on_loopback_agree(tmp_path):

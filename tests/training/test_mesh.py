@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import random
-import subprocess
 import sys
 
 import jax
@@ -15,6 +14,7 @@ import pytest
 from rdt_jax.training import mesh as mesh_lib
 from rdt_jax.training.config import ConfigError, MeshConfig
 from rdt_jax.training.mesh import Launch, detected_launch, maybe_initialize_distributed
+from tests.helpers import run_together
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LAUNCH_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID",
@@ -122,17 +122,8 @@ def test_a_slurm_step_of_two_processes_connects_without_flags(tmp_path):
     base.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                 SLURM_JOB_ID=str(port % 2**12), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
                 SLURM_STEP_NUM_TASKS="2")
-    procs = [subprocess.Popen([sys.executable, str(script), str(REPO), str(tmp_path / f"{i}.json")],
-                              env=dict(base, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    run_together([[sys.executable, str(script), str(REPO), str(tmp_path / f"{i}.json")] for i in range(2)],
+                 [dict(base, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)) for i in range(2)], timeout=180)
     for i in range(2):
         assert json.loads((tmp_path / f"{i}.json").read_text()) == {"count": 2, "devices": 4, "ranks": [0, 1]}
 

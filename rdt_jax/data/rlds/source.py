@@ -255,8 +255,7 @@ class RldsSource:
         def draw() -> RawSample:
             return self.sample(*self.locate(next(indices), rng))
 
-        return first_readable(draw, (FrameError,), self.bad_samples if self.skip_bad_frames else None,
-                              self.dataset_name)
+        return first_readable(draw, (FrameError,), self.bad_samples if self.skip_bad_frames else None)
 
     def sample(self, record: int, step: int) -> RawSample:
         ep = self.episode(record)
