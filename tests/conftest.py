@@ -22,6 +22,16 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_DIR = pathlib.Path(os.environ.get("RDT_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _library_temp_files(tmp_path_factory):
+    """Temporary files libraries make and keep (tfds leaves an empty directory behind for every dataset it
+    writes) go under pytest's base temp, which pytest prunes, not into the system's temp directory."""
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("library_temp"))
+    yield
+    tempfile.tempdir = previous
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
     if not SHARED_DIR.is_dir():
