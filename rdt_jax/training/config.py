@@ -76,7 +76,8 @@ class DataConfig:
     skip_bad_episodes: bool = False
     """hdf5 data: leave out the episode files that the scan before training finds unreadable (corrupt, missing
     keys, wrong shapes, non-finite values) and name them in a warning, instead of stopping with the first
-    one's error. hdf5 and rlds data: during training, a sample whose frames fail to decode is named in a
+    one's error. hdf5 and rlds data: during training, a sample whose data fail to read (frames that do not
+    decode; for rlds also an episode record that does not parse or holds NaN/inf states) is named in a
     warning and replaced by another draw."""
     rlds_dirs: tuple[str, ...] = ()
     weights_file: str | None = None  # {dataset: weight} JSON (pretrain_sample_weights.json)

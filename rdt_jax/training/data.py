@@ -206,7 +206,7 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
         if cfg.lang_embed_dir is None:
             raise ConfigError("data.kind=rlds needs --data.lang-embed-dir: RLDS instructions are text, encoded "
                              "beforehand (scripts/encode_lang.py --rlds-dirs ... --store-dir DIR)")
-        srcs = [RldsSource(d, horizon=horizon, skip_bad_frames=cfg.skip_bad_episodes) for d in cfg.rlds_dirs]
+        srcs = [RldsSource(d, horizon=horizon, skip_bad_episodes=cfg.skip_bad_episodes) for d in cfg.rlds_dirs]
         sources = {s.dataset_name: s for s in srcs}
         weights = (load_weights(cfg.weights_file, list(sources)) if cfg.weights_file
                    else dict.fromkeys(sources, 1.0))

@@ -32,7 +32,12 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class FrameError(ValueError):
+class EpisodeError(ValueError):
+    """Stored episode data that cannot be used (a record that does not parse, NaN/inf states, a frame that
+    does not decode); the message names where. The errors ``--data.skip-bad-episodes`` skips."""
+
+
+class FrameError(EpisodeError):
     """A camera frame that does not decode to an (H, W, 3) uint8 image; the message names where."""
 
 
@@ -93,8 +98,8 @@ class EpisodeStore:
         where = f"{self.builder_dir}[{split}][{i}]"
         try:
             parsed = self._parser.parse_example(self._sources[self.splits.index(split)][i])
-        except Exception as e:  # corrupt record or features.json mismatch
-            raise ValueError(f"{where}: cannot parse the episode record: {e}") from e
+        except Exception as e:  # a corrupt record (or a features.json that does not describe it)
+            raise EpisodeError(f"{where}: cannot parse the episode record: {e}") from e
         flat = _flatten(parsed)
         steps = {
             k[len(STEPS) + 1 :]: np.asarray(v) if not isinstance(v, list) else np.asarray(v, dtype=object)

@@ -27,7 +27,7 @@ import numpy as np
 from rdt_jax.data.action_space import SLOT_NAMES
 from rdt_jax.data.bad_samples import BadSampleLog, first_readable
 from rdt_jax.data.rlds import registry
-from rdt_jax.data.rlds.reader import EpisodeStore, FrameError, RawEpisode
+from rdt_jax.data.rlds.reader import EpisodeError, EpisodeStore, RawEpisode
 from rdt_jax.data.rlds.spec import DatasetSpec, episode_states_and_masks
 from rdt_jax.data.schema import ACTION_HORIZON, IMG_HISTORY, NUM_CAMERAS, RawSample
 
@@ -155,10 +155,12 @@ class RldsSource:
         *,
         horizon: int = ACTION_HORIZON,
         cache_episodes: int = 4,
-        skip_bad_frames: bool = False,
+        skip_bad_episodes: bool = False,
     ):
-        """``skip_bad_frames``: a sample whose camera frames do not decode is named in a warning and
-        replaced by another drawn from the same rng (rdt_jax.data.bad_samples), instead of stopping."""
+        """``skip_bad_episodes``: a sample whose episode cannot be used (its record does not parse, its
+        states hold NaN/inf, its camera frames do not decode: an :class:`EpisodeError`) is named in a
+        warning and replaced by another drawn from the same rng (rdt_jax.data.bad_samples), instead of
+        stopping the run."""
         self.builder_dir = pathlib.Path(builder_dir)
         self.store = EpisodeStore(self.builder_dir)
         self.dataset_name = dataset_name or self.store.info.name
@@ -184,7 +186,7 @@ class RldsSource:
         self._cache: collections.OrderedDict[int, EpisodeData] = collections.OrderedDict()
         self._cache_size = cache_episodes
         self._lock = threading.Lock()
-        self.skip_bad_frames = skip_bad_frames
+        self.skip_bad_episodes = skip_bad_episodes
         self.bad_samples = BadSampleLog(self.dataset_name)
 
     def __len__(self) -> int:
@@ -199,7 +201,7 @@ class RldsSource:
         states, masks = episode_states_and_masks(self.spec, raw.steps, f"{self.dataset_name}:{raw.where}")
         if not np.all(np.isfinite(states)):
             bad = [SLOT_NAMES[i] for i in np.flatnonzero(~np.all(np.isfinite(states), axis=0))]
-            raise ValueError(f"{self.dataset_name}:{raw.where}: NaN/inf in unified state slots {bad}")
+            raise EpisodeError(f"{self.dataset_name}:{raw.where}: NaN/inf in unified state slots {bad}")
         s64 = states.astype(np.float64)
         data = EpisodeData(
             raw,
@@ -249,13 +251,13 @@ class RldsSource:
         return record, step
 
     def get(self, index: int, rng: np.random.Generator) -> RawSample:
-        # The sample at `index`, then (only if its frames do not decode) random replacements.
+        # The sample at `index`, then (only if its episode cannot be used) random replacements.
         indices = itertools.chain([index], iter(lambda: int(rng.integers(len(self))), None))
 
         def draw() -> RawSample:
             return self.sample(*self.locate(next(indices), rng))
 
-        return first_readable(draw, (FrameError,), self.bad_samples if self.skip_bad_frames else None)
+        return first_readable(draw, (EpisodeError,), self.bad_samples if self.skip_bad_episodes else None)
 
     def sample(self, record: int, step: int) -> RawSample:
         ep = self.episode(record)

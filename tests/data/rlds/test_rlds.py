@@ -411,7 +411,7 @@ def test_corrupt_frame_names_episode_camera_and_step(tiny_datasets):
 
 
 def test_bad_frames_are_redrawn_when_skipping(tiny_datasets, caplog):
-    """With skip_bad_frames a sample whose frames do not decode is replaced by a draw from the same rng: the
+    """With skip_bad_episodes a sample whose frames do not decode is replaced by a draw from the same rng: the
     same samples from a fresh source (exact resume), each bad frame named once; without it the error stops."""
     from rdt_jax.data.rlds.reader import FrameError
 
@@ -436,17 +436,73 @@ def test_bad_frames_are_redrawn_when_skipping(tiny_datasets, caplog):
     def steps(src):
         return [src.get(i, np.random.default_rng([7, i])).step_id for i in range(LONG)]
 
-    skipping = with_bad_frames(RldsSource(ds.dir, "toto", skip_bad_frames=True))
+    skipping = with_bad_frames(RldsSource(ds.dir, "toto", skip_bad_episodes=True))
     with caplog.at_level("WARNING"):
         got = steps(skipping)
     assert [t for i, t in enumerate(got) if i not in (10, 11, 12)] == [i for i in range(LONG) if i not in (10, 11, 12)]
     assert all(t not in (10, 11, 12) for t in got)
     assert skipping.bad_samples.count >= 3
     assert caplog.text.count("skipping a sample that failed to read") == 2  # steps 10 and 11, once each
-    assert steps(with_bad_frames(RldsSource(ds.dir, "toto", skip_bad_frames=True))) == got
+    assert steps(with_bad_frames(RldsSource(ds.dir, "toto", skip_bad_episodes=True))) == got
     bad_steps.update(range(LONG))
     with pytest.raises(FrameError, match=r"toto: 64 draws in a row failed to read; the last: .*does not decode"):
         skipping.get(0, np.random.default_rng(0))
+
+
+class _CorruptRecords:
+    """An ArrayRecord data source whose records ``bad`` come back as bytes that are not an episode."""
+
+    def __init__(self, records, bad: set[int]):
+        self.records, self.bad = records, bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> bytes:
+        return b"\xff\xff\xff\xff not an episode" if i in self.bad else self.records[i]
+
+
+def test_corrupt_record_is_an_episode_error_and_skippable(tiny_datasets, caplog):
+    """A record that does not parse stops the run naming the record; with skip_bad_episodes it is redrawn
+    like a bad frame (toto has one usable episode, so every draw fails and the source gives up)."""
+    from rdt_jax.data.rlds.reader import EpisodeError
+
+    ds = tiny_datasets["toto"]
+    for skip in (False, True):
+        src = RldsSource(ds.dir, "toto", skip_bad_episodes=skip)
+        src.store._sources[0] = _CorruptRecords(src.store._sources[0], {0})
+        where = re.escape(f"{ds.dir}[train][0]: cannot parse the episode record")
+        if not skip:
+            with pytest.raises(EpisodeError, match=f"^{where}"):
+                src.get(3, np.random.default_rng(0))
+            continue
+        with caplog.at_level("WARNING"), pytest.raises(EpisodeError, match=f"toto: 64 draws in a row failed to "
+                                                                          f"read; the last: {where}"):
+            src.get(3, np.random.default_rng(0))
+        assert src.bad_samples.count == 64
+        assert caplog.text.count("skipping a sample that failed to read") == 1
+
+
+def test_non_finite_states_are_an_episode_error(tiny_datasets):
+    """NaN in an episode's state is found when the episode is first sampled (the step index does not map
+    states); the error names the record and slot, and is one skip_bad_episodes redraws."""
+    from rdt_jax.data.rlds.reader import EpisodeError
+
+    ds = tiny_datasets["toto"]
+    src = RldsSource(ds.dir, "toto")
+    read = src.store.read
+
+    def read_with_nan(record):
+        raw = read(record)
+        state = raw.steps["observation/state"].copy()
+        state[5, 0] = np.nan
+        raw.steps["observation/state"] = state
+        return raw
+
+    src.store.read = read_with_nan
+    with pytest.raises(EpisodeError, match=rf"^toto:{re.escape(str(ds.dir))}\[train\]\[0\]: NaN/inf in unified "
+                                           r"state slots \['"):
+        src.get(3, np.random.default_rng(0))
 
 
 def test_reader_never_imports_tensorflow(tiny_datasets):
