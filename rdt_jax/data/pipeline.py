@@ -1,7 +1,11 @@
 """Weighted mixture of named step sources → transformed, sharded, batched grain pipeline.
 
 Global sample index i (0, 1, 2, …) → dataset k (weighted choice) → `source.get(i, rng)` →
-`SampleTransform(raw, rng')`, with every generator derived from (seed, purpose, i). Process
+`SampleTransform(raw, rng')`, with every generator derived from (seed, purpose, i). A source with a
+fixed set of entries (`schema.IndexedStepSource`: RLDS, one entry per step of its step index) gets
+`source.get(e, rng)` instead, e = the position of i in a permutation of its entries that changes
+every len(source) indices (grain's `index_shuffle`), so batches mix episodes and every seed visits
+them in its own order (the official reader shuffles files, steps and a sample buffer). Process
 p of P then takes indices i ≡ p (mod P) (disjoint streams, no coordination) and batches them.
 The iterator is a grain `DatasetIterator`: `get_state()`/`set_state()` give a small dict
 (the next index) that can go into an Orbax checkpoint.
@@ -26,11 +30,11 @@ from typing import Literal
 import grain
 import numpy as np
 
-from rdt_jax.data.schema import BatchConfig, StepSource
+from rdt_jax.data.schema import BatchConfig, IndexedStepSource, StepSource
 from rdt_jax.data.transform import SampleTransform
 
 # Distinct streams per purpose, so adding e.g. augmentation never shifts the dataset choice.
-_SELECT, _SOURCE, _TRANSFORM = 1, 2, 3
+_SELECT, _SOURCE, _TRANSFORM, _SHUFFLE = 1, 2, 3, 4
 
 
 def load_weights(path: str | os.PathLike, names: Sequence[str] | None = None) -> dict[str, float]:
@@ -77,14 +81,28 @@ class _SourceMap(grain.MapDataset):
     def __init__(self, source: StepSource, dataset_id: int, seed: int):
         super().__init__()
         self._source, self._id, self._seed = source, dataset_id, seed
+        self._entries = len(source) if isinstance(source, IndexedStepSource) else 0
+        if isinstance(source, IndexedStepSource) and self._entries <= 0:
+            raise ValueError(f"source {source.dataset_name!r} has no entries")
 
     def __len__(self) -> int:
         return sys.maxsize
 
+    def entry(self, index: int) -> int:
+        """The source index global index ``index`` reads: itself, or for an indexed source its entry in
+        the shuffled epoch ``index // len(source)`` (epochs of global indices: in a random mixture a
+        dataset sees a weight-sized share of each, drawn without replacement)."""
+        if not self._entries:
+            return index
+        epoch, position = divmod(index, self._entries)
+        seed = int(np.random.SeedSequence([self._seed, _SHUFFLE, self._id, epoch]).generate_state(1)[0])
+        return grain.experimental.index_shuffle(position, max_index=self._entries - 1, seed=seed, rounds=4)
+
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        return self._source.get(index, np.random.default_rng([self._seed, _SOURCE, self._id, index]))
+        rng = np.random.default_rng([self._seed, _SOURCE, self._id, index])
+        return self._source.get(self.entry(index), rng)
 
     def __str__(self) -> str:
         return f"_SourceMap({self._source.dataset_name})"

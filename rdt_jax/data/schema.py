@@ -85,13 +85,22 @@ class StepSource(Protocol):
     `get(index, rng)` must be a pure function of (index, the generator's state): the pipeline
     passes `np.random.default_rng([seed, dataset_id, index])`, so the same seed gives the same
     sample and any index can be produced on any host. Sources that sample randomly (HDF5:
-    episode ∝ length, uniform step) use `rng`; sources with a step index (RLDS) may map
-    `index` to a step of a shuffled epoch instead.
+    episode ∝ length, uniform step) use `rng` and may ignore `index`; sources with a fixed set
+    of entries are :class:`IndexedStepSource`.
     """
 
     dataset_name: str
 
     def get(self, index: int, rng: np.random.Generator) -> RawSample: ...
+
+
+@runtime_checkable
+class IndexedStepSource(StepSource, Protocol):
+    """A StepSource whose indices ``0 … len - 1`` address fixed entries (RLDS: the steps of its step
+    index). The mixture passes it entries in a shuffled order, a new permutation per epoch
+    (pipeline.py), so the source maps an index to its entry directly."""
+
+    def __len__(self) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 
 import numpy as np
@@ -113,6 +114,42 @@ def test_checkpoint_resume_identical_next_batch(setup):
     for x, y in zip(expect, got, strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
+
+
+class IndexedFakeSource(FakeSource):
+    """FakeSource with a fixed set of entries (an IndexedStepSource, like RLDS's step index)."""
+
+    def __init__(self, name: str, ds_id: int, lang_path: str, entries: int):
+        super().__init__(name, ds_id, lang_path)
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return self.entries
+
+    def get(self, index: int, rng: np.random.Generator) -> RawSample:
+        assert 0 <= index < self.entries, index
+        return super().get(index, rng)
+
+
+def test_indexed_source_is_read_in_shuffled_epochs(setup):
+    """A source with fixed entries gets each of them once per epoch of len(source) global indices, in an
+    order that is not the stored one, differs between epochs and seeds, and is the same for the same seed
+    (consecutive entries are consecutive steps of one episode: read in order, every batch is one clip)."""
+    sources, tf = setup
+    n = 24
+    indexed = {"a": IndexedFakeSource("a", 0, sources["a"].lang_path, n)}
+
+    def entries(seed, batches=2 * n // BCFG.batch_size):
+        it = iter(build_pipeline(indexed, {"a": 1}, tf, BCFG, PipelineConfig(seed=seed, num_threads=1)))
+        return [e for _, e in ids_of(take(it, batches))]
+
+    first = entries(0)
+    epoch0, epoch1 = first[:n], first[n:]
+    assert sorted(epoch0) == list(range(n)) and sorted(epoch1) == list(range(n))
+    assert epoch0 != sorted(epoch0) and epoch0 != epoch1
+    # Neighbouring samples are rarely neighbouring entries (in order: all 23 pairs would be).
+    assert sum(abs(a - b) == 1 for a, b in itertools.pairwise(epoch0)) < 8
+    assert entries(0) == first and entries(1) != first
 
 
 def test_unknown_and_bad_names(setup, tmp_path):

@@ -7,6 +7,7 @@ test. Cameras / frequencies come from the official JSON files in ../shared.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -362,6 +363,29 @@ def test_long_episode_entries_draw_uniform_steps(tiny_datasets):
     steps = [src.locate(i, rng)[1] for i in range(4000)]
     counts = np.bincount(steps, minlength=LONG)
     assert counts.min() > 50 and counts.max() < 160  # ~100 each
+
+
+def test_training_mixture_reads_steps_in_shuffled_order(tiny_datasets):
+    """Through the training mixture an RLDS dataset's steps come in a shuffled order: one epoch visits
+    each entry once, not step 0, 1, 2, ... of one episode (every batch a clip of consecutive frames)."""
+    from rdt_jax.data.pipeline import PipelineConfig, build_mixture
+    from rdt_jax.data.schema import IndexedStepSource
+
+    class StepIds:  # the mixture's transform slot: report the step each sample was read from
+        def __init__(self):
+            self.dataset_ids = {"toto": 0}
+
+        def __call__(self, raw, rng):
+            return raw.step_id
+
+    src = RldsSource(tiny_datasets["toto"].dir, "toto")
+    assert isinstance(src, IndexedStepSource) and len(src) == LONG
+    mixture = build_mixture({"toto": src}, {"toto": 1.0}, StepIds(), PipelineConfig(seed=0))
+    epoch = [mixture[i] for i in range(LONG)]
+    assert sorted(epoch) == list(range(LONG)) and epoch != list(range(LONG))
+    assert sum(abs(a - b) == 1 for a, b in itertools.pairwise(epoch)) < LONG // 4
+    other_seed = build_mixture({"toto": src}, {"toto": 1.0}, StepIds(), PipelineConfig(seed=1))
+    assert [other_seed[i] for i in range(LONG)] != epoch
 
 
 def test_missing_index_and_unconverted_dir_are_clear_errors(tiny_datasets, tmp_path):
