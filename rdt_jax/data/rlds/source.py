@@ -163,9 +163,11 @@ class RldsSource:
         stopping the run."""
         self.builder_dir = pathlib.Path(builder_dir)
         self.store = EpisodeStore(self.builder_dir)
-        self.dataset_name = dataset_name or self.store.info.name
-        self.spec = registry.get_spec(self.dataset_name)
         self.index = StepIndex.load(self.builder_dir)
+        # The registry name the step index was built for (convert_rlds.py --name), which may differ from
+        # the tfds name in dataset_info.json.
+        self.dataset_name = dataset_name or self.index.dataset_name
+        self.spec = registry.get_spec(self.dataset_name)
         if self.index.dataset_name != self.dataset_name:
             raise ValueError(
                 f"{self.builder_dir}: step index was built for {self.index.dataset_name!r}, not {self.dataset_name!r}"

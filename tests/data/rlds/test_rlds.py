@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import pathlib
 import re
 import subprocess
 import sys
@@ -401,6 +402,26 @@ def test_missing_index_and_unconverted_dir_are_clear_errors(tiny_datasets, tmp_p
         RldsSource(copy, "toto")
     with pytest.raises(KeyError, match="unknown RLDS dataset"):
         RldsSource(ds.dir, "totoo")
+
+
+def test_registry_name_comes_from_the_step_index(tiny_datasets, tmp_path):
+    """A dataset stored under another tfds name, indexed with convert_rlds.py --index-only --name toto,
+    is read as toto without naming it again (training and encode_lang pass no name)."""
+    import shutil
+
+    local = tmp_path / "toto_local"
+    shutil.copytree(tiny_datasets["toto"].dir, local)
+    info = json.loads((local / "dataset_info.json").read_text())
+    info["name"] = "toto_local"
+    (local / "dataset_info.json").write_text(json.dumps(info))
+    for shard in local.glob("toto-*"):
+        shard.rename(local / shard.name.replace("toto-", "toto_local-", 1))
+    script = pathlib.Path(__file__).resolve().parents[3] / "scripts" / "convert_rlds.py"
+    subprocess.run([sys.executable, str(script), "--dst", str(local), "--index-only", "--name", "toto"],
+                   check=True, capture_output=True)
+    src = RldsSource(local)
+    assert (src.store.info.name, src.dataset_name) == ("toto_local", "toto")
+    assert src.get(3, np.random.default_rng(0)).step_id == 3
 
 
 def test_wrong_feature_shape_names_dataset_and_key(tiny_datasets):
