@@ -63,15 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--robot", default="aloha_agilex", help="robot config name or JSON path (hdf5)")
     p.add_argument("--dataset-name", default=None, help="override the dataset name")
     p.add_argument("--skip-exist", action="store_true", help="keep an existing entry for this dataset")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and report) bad episode files")
+    p.add_argument("--skip-bad-episodes", "--skip-bad", dest="skip_bad", action="store_true",
+                   help="skip (and report) bad episode files (hdf5), as train.py's --data.skip-bad-episodes")
     p.add_argument("--index-cache", default=None, help="episode index cache file (hdf5)")
-    args, _ = p.parse_known_args(argv)
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not os.path.isdir(args.data_dir):
         p.error(f"--data-dir {args.data_dir}: no such directory")
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         p.error(f"--output {args.output}: directory {out_dir} does not exist")
+    if os.path.exists(args.output):  # merged into at the end: checked before the scan, not after it
+        try:
+            stats.load_stats(args.output, names=())
+        except (OSError, ValueError) as e:
+            p.error(f"--output {args.output}: cannot be updated, not a dataset_stat.json ({e})")
     try:
         name, episodes = FORMATS[args.format](args)
         result = stats.compute_dataset_stats(name, episodes)

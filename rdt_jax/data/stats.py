@@ -80,7 +80,10 @@ def load_stats(path: str | os.PathLike, names: Iterable[str] | None = None) -> d
     ``nyu_franka_play_dataset_converted_externally_to_rlds``) of datasets it does not train on, so
     callers check the datasets they use."""
     with open(path) as f:
-        stats = json.load(f)
+        try:
+            stats = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
     if not isinstance(stats, dict):
         raise ValueError(f"{path}: expected a JSON object {{dataset_name: statistics}}")
     names = list(stats) if names is None else list(names)

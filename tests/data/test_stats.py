@@ -77,6 +77,29 @@ def test_compute_stats_cli(tmp_path):
     assert stats["agilex"]["state_std"][52] == 0.0  # column 2 → slot 52, all zeros
 
 
+def test_compute_stats_cli_refuses_unknown_options_and_a_bad_output_file(tmp_path):
+    """A misspelt option is an error, not silently dropped; an --output that is not a dataset_stat.json is
+    refused before the scan (the result would be lost at the merge), and left as it was."""
+    data = tmp_path / "d"
+    write_episode(data / "e0.hdf5", *(2 * [make_qpos(130, 4, np.random.default_rng(0), dtype=np.float64)]),
+                  layout="raw")
+    write_instructions(data)
+    out = tmp_path / "stat.json"
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "scripts/compute_stats.py", "--data-dir", str(data), "--output",
+                               str(out), *extra], capture_output=True, text=True)
+
+    r = run("--dataset_name", "my_robot")
+    assert r.returncode == 2 and "unrecognized arguments: --dataset_name my_robot" in r.stderr
+    out.write_text("not json")
+    r = run("--skip-bad-episodes")
+    assert r.returncode == 2 and f"--output {out}: cannot be updated" in r.stderr and "not JSON" in r.stderr
+    assert out.read_text() == "not json"
+    out.unlink()
+    assert run("--skip-bad-episodes").returncode == 0 and "agilex" in json.loads(out.read_text())
+
+
 def test_official_stats_file_with_stale_entries(shared_dir, tmp_path):
     """The shipped dataset_stat.json has 89-long entries for two datasets it never trains on: loading it for
     the datasets in use works, asking for a stale one names it, and merging new entries keeps the rest."""
