@@ -319,6 +319,7 @@ class HDF5Source:
                 cached = blob["files"]
         entries: dict[str, Any] = {}
         episodes = []
+        bad_instruction_dirs: set[str] = set()
         for path in self.files:
             st = os.stat(path)
             key = [st.st_size, st.st_mtime_ns]
@@ -338,9 +339,21 @@ class HDF5Source:
                         raise
                     entry = {"stat": key, "info": None, "skip": f"error: {e}"}
             entries[path] = entry
-            if entry["info"] is not None:
-                if self.load_instructions:
+            if entry["info"] is not None and self.load_instructions:
+                folder = os.path.dirname(path)
+                try:
+                    if folder in bad_instruction_dirs:
+                        raise EpisodeError(f"{path}: its folder's instruction file is unusable")
                     self._load_instructions(path)
+                except EpisodeError as e:
+                    if not self.skip_bad_episodes:
+                        raise
+                    if folder not in bad_instruction_dirs:
+                        bad_instruction_dirs.add(folder)
+                        log.warning("%s: skipping the episodes of %s: %s", self.dataset_name, folder, e)
+                    self.report.add("error", path)
+                    continue
+            if entry["info"] is not None:
                 episodes.append(EpisodeInfo.from_json(entry["info"]))
             else:
                 self.report.add(entry["skip"].split(":")[0], path)
@@ -376,6 +389,9 @@ class HDF5Source:
                 if key not in f:
                     raise EpisodeError(f"{path}: missing key {key!r}")
                 ds = f[key]
+                if not isinstance(ds, h5py.Dataset) or ds.ndim == 0:
+                    what = "a group" if isinstance(ds, h5py.Group) else f"shape {getattr(ds, 'shape', None)}"
+                    raise EpisodeError(f"{path}: {key!r} is {what}, expected a dataset of {num_steps} frames")
                 if ds.shape[0] != num_steps:
                     raise EpisodeError(f"{path}: {key!r} has {ds.shape[0]} frames, expected {num_steps}")
                 try:
@@ -409,6 +425,9 @@ class HDF5Source:
             raise EpisodeError(f"{path}: instruction file {jpath} not found") from e
         except json.JSONDecodeError as e:
             raise EpisodeError(f"{jpath}: invalid JSON ({e})") from e
+        if not isinstance(content, dict):
+            raise EpisodeError(f"{jpath}: expected a JSON object with keys {list(self.robot.instruction_keys)}, "
+                               f"got a {type(content).__name__}")
         for k in self.robot.instruction_keys:
             v = content.get(k)
             ok = isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(s, str) for s in v))

@@ -289,6 +289,45 @@ def test_missing_instruction_file(tmp_path, small_robot):
         HDF5Source(tmp_path, small_robot)
 
 
+@pytest.mark.parametrize("content", [None, '["pick the cup"]'])
+def test_bad_instruction_folder_is_named_and_skippable(tmp_path, small_robot, caplog, content):
+    """A task folder without its instruction JSON, or with one that is not an object, stops the scan naming
+    the file; with skip_bad_episodes that folder's episodes are left out (one warning), the others kept."""
+    _good(tmp_path / "task_a")
+    q = make_qpos(130, 3, np.random.default_rng(5))
+    for i in range(2):
+        write_episode(tmp_path / "task_b" / f"e{i}.hdf5", q, q, layout="raw")
+    jpath = tmp_path / "task_b" / "expanded_instruction_gpt-4-turbo.json"
+    if content is not None:
+        jpath.write_text(content)
+    why = "not found" if content is None else "expected a JSON object with keys .* got a list"
+    with pytest.raises(EpisodeError, match=rf"{jpath.name}.*{why}"):
+        HDF5Source(tmp_path, small_robot)
+    with caplog.at_level("WARNING"):
+        src = HDF5Source(tmp_path, small_robot, skip_bad_episodes=True)
+    assert [e.path for e in src.episodes] == [str(tmp_path / "task_a" / "good.hdf5")]
+    assert sorted(src.report.skipped["error"]) == [str(tmp_path / "task_b" / f"e{i}.hdf5") for i in range(2)]
+    assert caplog.text.count(f"skipping the episodes of {tmp_path / 'task_b'}") == 1
+
+
+@pytest.mark.parametrize("camera", ["group", "scalar"])
+def test_camera_key_that_is_not_a_frame_dataset(tmp_path, small_robot, camera):
+    p, _ = _good(tmp_path)
+    key = small_robot.camera_keys[0]
+    with h5py.File(p, "a") as f:
+        del f[key]
+        if camera == "group":
+            f.create_group(key)
+        else:
+            f[key] = 1
+    what = "a group" if camera == "group" else r"shape \(\)"
+    with pytest.raises(EpisodeError, match=rf"good\.hdf5: '{key}' is {what}, expected a dataset of 130 frames"):
+        HDF5Source(tmp_path, small_robot)
+    _good(tmp_path, "other.hdf5")
+    assert [e.path for e in HDF5Source(tmp_path, small_robot, skip_bad_episodes=True).episodes] == [
+        str(tmp_path / "other.hdf5")]
+
+
 # ------------------------------------------------------------------ caches
 def _same_sample(a, b) -> None:
     for name in a.__dataclass_fields__:
