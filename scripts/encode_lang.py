@@ -152,7 +152,7 @@ def encode(args: Args) -> list[pathlib.Path]:
         texts, stems = [args.instruction], [args.name]
     else:
         if args.instructions_file:
-            texts = read_instructions(args.instructions_file)
+            dirs, texts, what = [args.instructions_file], read_instructions(args.instructions_file), "no instructions"
         elif args.rlds_dirs:
             dirs, texts, what = args.rlds_dirs, rlds_instructions(args.rlds_dirs), "no instructions"
         else:
@@ -161,7 +161,7 @@ def encode(args: Args) -> list[pathlib.Path]:
             what = ("no text instructions (every instruction entry names a precomputed .pt/.safetensors "
                     "embedding file, which training reads directly)")
         # Checked before T5 is loaded (minutes for the XXL model) only to encode nothing.
-        if not texts and not args.instructions_file:
+        if not texts:
             raise UsageError(f"{', '.join(map(str, dirs))}: {what}; nothing to encode")
         stems = [f"lang_embed_{i}" for i in range(len(texts))]
     store = EmbeddingStore(args.store_dir) if args.store_dir is not None else None

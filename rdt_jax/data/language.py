@@ -54,7 +54,10 @@ def load_embedding(path: str | os.PathLike) -> np.ndarray:
     if path.endswith(".pt"):
         import torch
 
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or not a torch file: torch raises OSError, KeyError, pickle errors
+            raise ValueError(f"{path}: cannot read the .pt embedding ({type(e).__name__}: {e})") from e
         if isinstance(obj, dict):
             if "embeddings" not in obj:
                 raise ValueError(f"{path}: missing key 'embeddings' (has {sorted(obj)})")

@@ -24,6 +24,14 @@ def test_pt_formats(tmp_path):
     torch.save(torch.zeros(3, 17), tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"bad\.pt: language embedding has shape \(3, 17\)"):
         language.load_embedding(tmp_path / "bad.pt")
+    # A truncated file and one that is not a torch file at all: named, as ValueError (training's readers
+    # report it with the sample), not torch's OSError/KeyError.
+    data = (tmp_path / "a.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.pt").write_bytes(b"this is not a torch file")
+    for name in ("cut.pt", "junk.pt"):
+        with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')}: cannot read the \.pt embedding"):
+            language.load_embedding(tmp_path / name)
 
 
 def test_safetensors_store_and_padding(tmp_path):

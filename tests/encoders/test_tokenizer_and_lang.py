@@ -346,6 +346,16 @@ def test_encode_lang_hdf5_dirs_without_text_instructions(tmp_path):
                             skip_bad_episodes=True))
 
 
+def test_encode_lang_empty_instructions_file_is_an_error_before_t5_loads(tmp_path):
+    mod = _load_encode_lang()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    args = mod.Args(t5_dir=tmp_path / "no_t5", instructions_file=empty, out_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(empty))}: no instructions; nothing to encode"):
+        mod.encode(args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_encode_lang_reports_bad_inputs_in_one_line(tmp_path):
     """The command line prints the error naming the file or option, not a traceback."""
     mod = _load_encode_lang()

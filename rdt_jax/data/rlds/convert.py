@@ -39,6 +39,9 @@ def convert_to_array_record(
     shards = sorted(p for p in src.iterdir() if _TF_SUFFIX in p.name)
     if not shards:
         raise FileNotFoundError(f"{src}: no '*{_TF_SUFFIX}*' shard files")
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+        # --overwrite would delete the input before reading it.
+        raise ValueError(f"--dst {dst} is --src {src} or a folder above it; write the conversion elsewhere")
     if dst.exists():
         if not overwrite:
             raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")

@@ -348,6 +348,8 @@ def convert_official(
     fmt = FORMATS[name]
     src, dst_root = pathlib.Path(src), pathlib.Path(dst_root)
     out = dst_root / name / CUSTOM_VERSION
+    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+        raise ValueError(f"the output {out} is --src {src} or a folder above it; write the conversion elsewhere")
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")

@@ -424,6 +424,21 @@ def test_registry_name_comes_from_the_step_index(tiny_datasets, tmp_path):
     assert src.get(3, np.random.default_rng(0)).step_id == 3
 
 
+def test_conversion_into_its_own_input_is_refused(tiny_datasets, tmp_path):
+    """--dst equal to --src, or above it, with --overwrite would delete the input before reading it."""
+    import shutil
+
+    from rdt_jax.data.rlds.convert import convert_to_array_record
+
+    src = tmp_path / "toto" / "0.1.0"
+    shutil.copytree(tiny_datasets["toto"].tfrecord_dir, src)
+    before = sorted(p.name for p in src.iterdir())
+    for dst in (src, src.parent):
+        with pytest.raises(ValueError, match=r"is --src .* or a folder above it"):
+            convert_to_array_record(src, dst, overwrite=True)
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
 def test_wrong_feature_shape_names_dataset_and_key(tiny_datasets):
     from dataclasses import replace
 
