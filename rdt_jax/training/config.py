@@ -7,6 +7,7 @@ are written to ``<output_dir>/train_config.json`` and never executed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from typing import Literal
 
@@ -118,6 +119,8 @@ class DataConfig:
         if given:
             raise ValueError(f"data.kind is {self.kind!r}, which does not use {', '.join(given)}; "
                              "set --data.kind to the kind of data you give")
+        if not 0 <= self.cond_mask_prob <= 1:
+            raise ValueError(f"data.cond_mask_prob is a probability, got {self.cond_mask_prob}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +149,30 @@ class OptimConfig:
     # per parameter each and is rounded stochastically (see optimizer.py).
     mu_dtype: Literal["float32", "bfloat16"] = "float32"
     nu_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self) -> None:
+        # Each of these would make AdamW's update NaN/inf or meaningless from a finite gradient (e.g. eps 0:
+        # 0/0 on every parameter whose gradient is 0; b2 1: a bias correction of 0).
+        bad = []
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            bad.append(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            bad.append(f"b1 and b2 must lie in [0, 1), got {self.b1} and {self.b2}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            bad.append(f"eps must be a finite number > 0, got {self.eps}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            bad.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            bad.append(f"max_grad_norm must be a finite number >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        if self.warmup_steps < 0:
+            bad.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            bad.append(f"decay_steps must be >= 1 or None (the run's num_steps), got {self.decay_steps}")
+        elif self.schedule == "cosine" and self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            bad.append(f"decay_steps {self.decay_steps} must exceed warmup_steps {self.warmup_steps} (the cosine "
+                       "decays from the end of the warm-up to decay_steps)")
+        if bad:
+            raise ValueError("optim: " + "; ".join(bad))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +212,8 @@ class CheckpointConfig:
             raise ValueError(f"save_every must be >= 1, got {self.save_every} (the last step is always saved)")
         if self.max_to_keep is not None and self.max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1 or None, got {self.max_to_keep}")
+        if self.keep_period is not None and self.keep_period < 1:
+            raise ValueError(f"keep_period must be >= 1 or None, got {self.keep_period}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +245,9 @@ class ValidationConfig:
         if self.batch_size < 1 or self.num_batches < 1:
             raise ValueError(f"validation.batch_size and validation.num_batches must be >= 1, got "
                              f"{self.batch_size} and {self.num_batches} (turn validation off with every=0)")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise ValueError(f"validation.num_inference_steps must be >= 1 or None (the model's), got "
+                             f"{self.num_inference_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +279,8 @@ class TrainConfig:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if self.num_steps < 0:
             raise ValueError(f"num_steps must be >= 0, got {self.num_steps}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}")
 
     # Flat aliases so the CLI reads like the issue: --num-steps, --save-every, --init-from.
     def replace(self, **changes) -> TrainConfig:

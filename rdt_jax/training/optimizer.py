@@ -31,7 +31,9 @@ def make_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
     if cfg.schedule == "cosine":  # diffusers cosine with num_cycles 0.5: warm-up, then half a cosine to 0
         def cosine(count):
             c = jnp.asarray(count, jnp.float32)
-            progress = (c - warm) / max(num_steps - warm, 1)
+            # Held at 1 past the schedule's end (diffusers' formula would climb back up: the official loop
+            # never runs past it, a resumed run with a larger --num-steps would).
+            progress = jnp.minimum((c - warm) / max(num_steps - warm, 1), 1.0)
             decay = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
             return lr * jnp.where(c < warm, warmup(c), decay)
         return cosine

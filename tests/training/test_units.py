@@ -110,6 +110,8 @@ def test_schedules_follow_diffusers():
     # decay_steps fixes the cosine's length whatever --num-steps says (a run stopped early and resumed)
     _, fixed = make_optimizer(OptimConfig(learning_rate=1.0, schedule="cosine", warmup_steps=10, decay_steps=110), 40)
     assert float(fixed(60)) == pytest.approx(0.5, abs=1e-6)
+    # Past its end the cosine stays at 0 (diffusers' formula would climb back to the peak at 2x the length).
+    assert [float(fixed(i)) for i in (110, 160, 210, 1000)] == [pytest.approx(0.0, abs=1e-6)] + [0.0] * 3
 
 
 def test_step_intervals_must_be_positive():
@@ -130,6 +132,34 @@ def test_step_intervals_must_be_positive():
         ValidationConfig(num_batches=0)
     with pytest.raises(ValueError, match=r"validation.every must be >= 0"):
         ValidationConfig(every=-1)
+    with pytest.raises(ValueError, match=r"validation\.num_inference_steps must be >= 1"):
+        ValidationConfig(num_inference_steps=0)
+    with pytest.raises(ValueError, match="keep_period must be >= 1"):
+        CheckpointConfig(keep_period=0)
+    with pytest.raises(ValueError, match=r"seed must lie in \[0, 2\*\*32\)"):
+        TrainConfig(seed=-1)
+    from rdt_jax.training.config import DataConfig
+
+    with pytest.raises(ValueError, match=r"cond_mask_prob is a probability, got 1\.5"):
+        DataConfig(cond_mask_prob=1.5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(learning_rate=float("nan")), "learning_rate must be a finite number > 0"),
+    (dict(learning_rate=0.0), "learning_rate must be a finite number > 0"),
+    (dict(b2=1.0), r"b1 and b2 must lie in \[0, 1\)"),
+    (dict(eps=0.0), "eps must be a finite number > 0"),
+    (dict(max_grad_norm=-1.0), "max_grad_norm must be a finite number >= 0"),
+    (dict(weight_decay=float("inf")), "weight_decay must be a finite number >= 0"),
+    (dict(warmup_steps=-5), "warmup_steps must be >= 0"),
+    (dict(decay_steps=0), "decay_steps must be >= 1"),
+    (dict(schedule="cosine", warmup_steps=4, decay_steps=2), "decay_steps 2 must exceed warmup_steps 4"),
+])
+def test_optimizer_settings_that_would_break_adamw_are_refused(bad, message):
+    """Each of these turns a finite gradient into a NaN/inf or meaningless update (an audit's NaN
+    parameters came from --optim.learning-rate nan and --optim.eps 0)."""
+    with pytest.raises(ValueError, match=f"^optim: .*{message}"):
+        OptimConfig(**bad)
 
 
 def test_sharding_rules():
