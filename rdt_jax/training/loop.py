@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -44,7 +45,8 @@ from rdt_jax.training.train_step import (
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradient norm became NaN/inf; the run stopped without saving the bad state."""
+    """The loss, the gradient norm or the updated weights became NaN/inf; the run stopped without saving the
+    bad state."""
 
 
 class RunSetupError(ConfigError):
@@ -60,6 +62,23 @@ def check_finite(metrics: dict[str, float], step: int, last_good: Callable[[], s
     raise NonFiniteLossError(
         f"loss is {metrics['loss']} at step {step} (grad norm {metrics['grad_norm']}); stopping without saving. "
         f"Last good checkpoint: {last_good()}. Check the data for NaN/inf or lower the learning rate, then --resume.")
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def check_weights_finite(state: dict[str, Any], step: int, last_good: Callable[[], str]) -> None:
+    """Raise :class:`NonFiniteLossError` if step ``step``'s update left NaN/inf in the parameters or their EMA
+    although its loss and gradient were finite (e.g. an Adam update 0/0); checked before each save, so a
+    checkpoint never holds such weights (one pass over them per save)."""
+    if bool(_all_finite({k: state[k] for k in ("params", "ema") if k in state})):
+        return
+    raise NonFiniteLossError(
+        f"the weights became NaN/inf with step {step}'s update (its loss and gradient norm were finite); stopping "
+        f"without saving. Last good checkpoint: {last_good()}. Check the optimiser settings (--optim.*), then "
+        "--resume.")
 
 
 def _to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -83,7 +102,7 @@ def _config_json(cfg: TrainConfig) -> dict[str, Any]:
 
 
 # Settings that change what an exact resume reproduces: warned about when they differ from the checkpoint's.
-_RESUME_SETTINGS = ("seed", "batch_size", "grad_accum", "data", "optim")
+_RESUME_SETTINGS = ("seed", "batch_size", "grad_accum", "data", "optim", "ema", "model.param_dtype", "model.dtype")
 # Settings under those that leave the sample stream and the updates as they were (grain keeps the order
 # whatever the number of reader threads and the buffer size).
 _SPEED_ONLY_SETTINGS = ("data.num_threads", "data.prefetch")
@@ -141,8 +160,9 @@ def check_resumable(meta: dict[str, Any], rcfg: RDTConfig, cfg: TrainConfig, ste
         if before is not None and before != now:
             raise RunSetupError(f"{where} was saved with {name} {before}; it cannot be resumed with {now}. Resume "
                                 "with the run's setting, or start a new run from it with --model.init-from")
-    before, after = _flat({k: old[k] for k in _RESUME_SETTINGS if k in old}), _flat(new)
-    changed = [k for k in before if before[k] != after.get(k) and k not in _SPEED_ONLY_SETTINGS]
+    before, after = _flat(old), _flat(new)
+    watched = [k for k in before if any(k == s or k.startswith(f"{s}.") for s in _RESUME_SETTINGS)]
+    changed = [k for k in watched if before[k] != after.get(k) and k not in _SPEED_ONLY_SETTINGS]
     if cfg.optim.schedule == "cosine" and cfg.optim.decay_steps is None and old.get("num_steps") != cfg.num_steps:
         changed.append("num_steps (the cosine schedule's length; fix it with --optim.decay-steps)")
     if changed and jax.process_index() == 0:
@@ -166,6 +186,9 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
         if b % n_dev or b % nproc:
             raise ConfigError(f"{name} {b} must be divisible by the {n_dev} devices")
     out = pathlib.Path(cfg.output_dir).absolute()
+    if cfg.model.init_from is not None and pathlib.Path(cfg.model.init_from).resolve() == out.resolve():
+        raise RunSetupError(f"--output-dir {out} is the --model.init-from directory: the run's export would replace "
+                            "the weights it starts from; give another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- model + frozen image encoder
@@ -317,6 +340,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
                 pbar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", gnorm=f"{m['grad_norm']:.3f}",
                                  step_s=f"{dt:.2f}", samples_s=f"{m['samples_per_s']:.1f}", refresh=False)
             if step % cfg.checkpoint.save_every == 0 or step == cfg.num_steps:
+                check_weights_finite(state, step, lambda: _last_good(mngr))
                 ckpt.save(mngr, step, state_in_layout(state, "stacked", ckpt_shardings), train_iter.get_state(),
                           {**meta, "step": step})
             if cfg.validation.every > 0 and (step % cfg.validation.every == 0 or step == cfg.num_steps):
@@ -338,7 +362,8 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
         ema = jax.tree.map(_gather, state["ema"]) if cfg.ema_enabled else None
         params, ema = to_layer_layout((params, ema), per_layer=False)  # exports are stacked
         if is_main:
-            exported = ckpt.export_inference(out, rcfg, params, ema, extra_files={
+            # The config's ema section says how ema/ was made: the run's EMA settings, not the preset's.
+            exported = ckpt.export_inference(out, rcfg.replace(ema=cfg.ema), params, ema, extra_files={
                 "dataset_stat.json": json.dumps(data.stats, indent=2) + "\n"})
     mngr.close()
     summary = {"output_dir": str(out), "start_step": start, "final_step": step, "losses": losses,

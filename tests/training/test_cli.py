@@ -177,9 +177,15 @@ def test_resume_and_init_from_guard_against_the_wrong_run(tmp_path):
     EMA removes an older run's ema/."""
     base = PRESETS["debug"]().replace(output_dir=str(tmp_path), num_steps=2,
                                       checkpoint=CheckpointConfig(save_every=1, max_to_keep=2))
-    base = base.replace(log=base.log.__class__(progress_bar=False, tensorboard=False))
+    base = base.replace(log=base.log.__class__(progress_bar=False, tensorboard=False),
+                        ema=dataclasses.replace(base.ema, power=0.5))
     train(base)
     assert (tmp_path / "ema" / "config.json").is_file()
+    # The exported ema section is the run's EMA schedule, not the preset's default.
+    for config in (tmp_path / "config.json", tmp_path / "ema" / "config.json"):
+        assert json.loads(config.read_text())["ema"]["power"] == 0.5
+    with pytest.raises(RunSetupError, match=r"is the --model\.init-from directory"):
+        train(base.replace(resume=True, num_steps=4, model=dataclasses.replace(base.model, init_from=str(tmp_path))))
     with pytest.raises(RunSetupError, match=r"already holds checkpoints \(latest step 2\).*--resume"):
         train(base.replace(seed=7))  # Orbax would have skipped every save of this run
     other = base.replace(resume=True, num_steps=4, model=dataclasses.replace(base.model, hidden_size=64))
@@ -206,6 +212,22 @@ def test_finite_loss_with_nan_gradients_also_stops():
     check_finite({"loss": 0.5, "grad_norm": 1.0}, 3, lambda: "step 2")  # a healthy step passes
     with pytest.raises(NonFiniteLossError, match=r"loss is 0.5 at step 3 \(grad norm nan\).*step 2"):
         check_finite({"loss": 0.5, "grad_norm": float("nan")}, 3, lambda: "step 2")
+
+
+def test_non_finite_weights_from_a_finite_step_are_not_saved():
+    """An update can turn finite weights NaN from a finite loss and gradient (an audit saved such a checkpoint
+    and then named it the last good one): the check before each save stops the run instead."""
+    import jax.numpy as jnp
+
+    from rdt_jax.training.loop import check_weights_finite
+
+    state = {"params": {"w": jnp.ones((2, 3))}, "ema": {"w": jnp.ones((2, 3))}, "step": jnp.int32(3)}
+    check_weights_finite(state, 3, lambda: "step 2")
+    for bad in ("params", "ema"):
+        broken = {**state, bad: {"w": state[bad]["w"].at[1, 2].set(jnp.inf)}}
+        with pytest.raises(NonFiniteLossError, match=r"weights became NaN/inf with step 3's update.*Last good "
+                                                     r"checkpoint: step 2"):
+            check_weights_finite(broken, 3, lambda: "step 2")
 
 
 WORKER = r'''

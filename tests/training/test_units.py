@@ -314,3 +314,9 @@ def test_resume_warns_about_changed_settings_by_name_but_not_reader_speed(capsys
     check_resumable(meta, None, other, 5)
     out = capsys.readouterr().out
     assert "with changed seed, data.cond_mask_prob: not the run it continues" in out
+    # Master-weight and compute dtypes and the EMA schedule change the run too (the restore casts the
+    # float32 master weights to bf16 silently).
+    bf16 = cfg.replace(model=dataclasses.replace(cfg.model, param_dtype="bfloat16"),
+                       ema=dataclasses.replace(cfg.ema, power=0.5))
+    check_resumable(meta, None, bf16, 5)
+    assert "with changed model.param_dtype, ema.power: not the run it continues" in capsys.readouterr().out
