@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 from typing import Any
 
 import h5py
@@ -105,13 +106,23 @@ def demo_trajectory(goal: np.ndarray, start: np.ndarray, num_steps: int) -> np.n
 def write_demo_dataset(root: str | pathlib.Path, cfg: DataConfig, robot: RobotConfig, seed: int = 0,
                        *, num_episodes: int | None = None, episode_seed: int = 0) -> pathlib.Path:
     """Writes ``num_episodes`` (default ``cfg.demo_episodes``) episodes under ``root`` (idempotent: an
-    existing complete set is reused). Episode ``e`` performs task ``e % cfg.demo_tasks`` (reach its target
-    pose) from a random start pose; ``episode_seed`` draws a different set of starts (held-out validation
-    episodes) for the same tasks."""
+    existing complete set made with the same settings is reused, one made with others is replaced). Episode
+    ``e`` performs task ``e % cfg.demo_tasks`` (reach its target pose) from a random start pose;
+    ``episode_seed`` draws a different set of starts (held-out validation episodes) for the same tasks."""
     root = pathlib.Path(root)
     done = root / "COMPLETE"
+    made_with = {"episodes": cfg.demo_episodes if num_episodes is None else num_episodes,
+                 "episode_len": cfg.demo_episode_len, "image_size": cfg.demo_image_size, "tasks": cfg.demo_tasks,
+                 "seed": seed, "episode_seed": episode_seed, "cameras": list(robot.camera_keys)}
     if done.exists():
-        return root
+        try:
+            if json.loads(done.read_text()) == made_with:
+                return root
+        except json.JSONDecodeError:  # an older run's plain marker: its settings are unknown
+            pass
+        done.unlink()
+        for old in root.glob("episode_*"):  # only what this function writes
+            shutil.rmtree(old)
     rng = np.random.default_rng([seed, 4242, episode_seed])
     t_len, s = cfg.demo_episode_len, cfg.demo_image_size
     goals = demo_tasks(cfg.demo_tasks, seed)
@@ -137,7 +148,7 @@ def write_demo_dataset(root: str | pathlib.Path, cfg: DataConfig, robot: RobotCo
         language.save_embedding(d / "lang.safetensors", task_emb[task], f"demo task {task}")
         (d / robot.instruction_file).write_text(json.dumps(
             {key: "lang.safetensors" for key in robot.instruction_keys}))
-    done.write_text("ok\n")
+    done.write_text(json.dumps(made_with) + "\n")
     return root
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import re
 
+import h5py
 import numpy as np
 import pytest
 
@@ -81,3 +82,19 @@ def test_skip_bad_episodes_is_refused_for_demo_data():
     with pytest.raises(ValueError, match=r"--data\.skip-bad-episodes"):
         DataConfig(kind="demo", skip_bad_episodes=True)
     assert DataConfig(kind="rlds", rlds_dirs=("d",), skip_bad_episodes=True).skip_bad_episodes
+
+
+def test_demo_dataset_is_rewritten_when_its_settings_change(tmp_path):
+    """A run directory's demo episodes are reused only if they were made with the same settings (an audit
+    trained on 4 old 40-step episodes while train_config.json said 8 of 60)."""
+    demo = DataConfig(kind="demo", demo_episodes=3, demo_episode_len=24, demo_image_size=16)
+    robot = demo_robot(demo, horizon=8)
+    root = write_demo_dataset(tmp_path / "episodes", demo, robot)
+    first = (root / "episode_000" / "episode_000.hdf5").stat().st_mtime_ns
+    assert write_demo_dataset(root, demo, robot) == root
+    assert (root / "episode_000" / "episode_000.hdf5").stat().st_mtime_ns == first  # same settings: reused
+    more = dataclasses.replace(demo, demo_episodes=2, demo_episode_len=30)
+    write_demo_dataset(root, more, robot)
+    assert sorted(p.name for p in root.glob("episode_*")) == ["episode_000", "episode_001"]
+    with h5py.File(root / "episode_000" / "episode_000.hdf5") as f:
+        assert f["/action"].shape == (30, 14)
