@@ -132,6 +132,16 @@ def _last_good(mngr) -> str:
     return f"step {good} in {mngr.directory}" if good is not None else "none (no checkpoint saved yet)"
 
 
+def _unrestorable(mngr, step: int, error: Exception) -> RunSetupError:
+    """The error for a latest checkpoint that cannot be restored, naming it and the older ones to fall back on."""
+    older = [s for s in mngr.all_steps() if s < step]
+    reason = (str(error).strip().splitlines() or [""])[0][:300]
+    fallback = (f"to resume from step {max(older)} instead, move {mngr.directory / str(step)} out of "
+                f"{mngr.directory}" if older else "no older checkpoint is kept")
+    return RunSetupError(f"checkpoint {mngr.directory / str(step)} cannot be restored ({type(error).__name__}: "
+                         f"{reason}); {fallback}")
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -237,9 +247,16 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
                             "to continue that run, or give another --output-dir")
     latest = existing if cfg.resume else None
     if latest is not None:
-        saved_meta = ckpt.restore_meta(mngr, latest)
+        try:
+            saved_meta = ckpt.restore_meta(mngr, latest)
+        except Exception as e:  # a truncated or partly deleted checkpoint: Orbax/TensorStore/JSON errors
+            raise _unrestorable(mngr, latest, e) from e
         check_resumable(saved_meta, rcfg, cfg, latest)
-        state, data_state, _ = ckpt.restore(mngr, latest, ckpt.abstract_with_shardings(ckpt_abstract, ckpt_shardings))
+        try:
+            state, data_state, _ = ckpt.restore(mngr, latest,
+                                                ckpt.abstract_with_shardings(ckpt_abstract, ckpt_shardings))
+        except Exception as e:
+            raise _unrestorable(mngr, latest, e) from e
         state = state_in_layout(state, layout, shardings)
         if data_state:
             train_iter.set_state(data_state_for(data_state, saved_meta.get("process_count", nproc), nproc))

@@ -6,6 +6,8 @@ import json
 import os
 import pathlib
 import pickle
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,6 +208,21 @@ def test_resume_and_init_from_guard_against_the_wrong_run(tmp_path):
     runner = rdt_jax.load_pretrained(tmp_path)
     export_inference(tmp_path, runner.config, runner.param_dict(), None)
     assert not (tmp_path / "ema").exists() and (tmp_path / "params").is_dir()
+    # A damaged latest checkpoint: one line naming it and the older one to fall back on, for a broken
+    # metadata file (JSON) and for missing array data (Orbax/TensorStore).
+    resume = base.replace(resume=True, num_steps=4)
+    latest = tmp_path / "checkpoints" / "2"
+    meta = latest / "meta" / "metadata"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])
+    fallback = rf"to resume from step 1 instead, move {re.escape(str(latest))} out of"
+    with pytest.raises(RunSetupError, match=rf"checkpoint {re.escape(str(latest))} cannot be restored "
+                                            rf"\(JSONDecodeError: .*\); {fallback}"):
+        train(resume)
+    meta.write_text(text)
+    shutil.rmtree(latest / "state")
+    with pytest.raises(RunSetupError, match=rf"checkpoint {re.escape(str(latest))} cannot be restored .*{fallback}"):
+        train(resume)
 
 
 def test_finite_loss_with_nan_gradients_also_stops():
