@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own variable wins
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+    from rdt_jax.convert.weights_io import WeightFileError
     from rdt_jax.data.hdf5_source import EpisodeError
     from rdt_jax.data.robot_config import RobotConfigError
     from rdt_jax.training.config import ConfigError
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[rdt-jax] ERROR: {e}", file=sys.stderr, flush=True)
         return 3
     # A missing option or path, another run's directory (RunSetupError is a ConfigError); a corrupt
-    # episode or robot config (the message names the file).
-    except (ConfigError, FileNotFoundError, EpisodeError, RobotConfigError) as e:
+    # episode, robot config or --init-from weights (the message names the file).
+    except (ConfigError, FileNotFoundError, EpisodeError, RobotConfigError, WeightFileError) as e:
         print(f"[rdt-jax] ERROR: {e}", file=sys.stderr, flush=True)
         return 2
     if jax.process_index() == 0:

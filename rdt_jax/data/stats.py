@@ -91,11 +91,21 @@ def load_stats(path: str | os.PathLike, names: Iterable[str] | None = None) -> d
     if missing:
         raise KeyError(f"{path}: no statistics for datasets {missing}")
     for name in names:
+        if not isinstance(stats[name], dict):
+            raise ValueError(f"{path}: {name} must be an object of statistics, got {type(stats[name]).__name__}")
         for k in ("state_mean", "state_std", "state_min", "state_max"):
-            v = stats[name].get(k, ())
+            if k not in stats[name]:
+                raise ValueError(f"{path}: {name} has no {k} (it has {sorted(stats[name])})")
+            v = stats[name][k]
             if not isinstance(v, list) or len(v) != STATE_DIM:
                 n = len(v) if isinstance(v, list) else type(v).__name__
                 raise ValueError(f"{path}: {name}.{k} must be a list of {STATE_DIM} numbers, got {n}")
+            try:
+                finite = np.all(np.isfinite(np.asarray(v, np.float64)))
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: {name}.{k} must be a list of {STATE_DIM} numbers") from None
+            if not finite:
+                raise ValueError(f"{path}: {name}.{k} holds NaN/inf")
     return stats
 
 

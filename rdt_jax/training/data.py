@@ -17,7 +17,8 @@ import os
 import pathlib
 import shlex
 import shutil
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -31,6 +32,8 @@ from rdt_jax.data.transform import SampleTransform, TransformConfig
 from rdt_jax.training.config import ConfigError, DataConfig
 
 DEMO_LANG_LEN = 5
+
+T = TypeVar("T")
 
 
 def check_instruction_embeddings(src: HDF5Source, store: language.EmbeddingStore | None, *,
@@ -163,6 +166,15 @@ class DataBundle:
     robot: dict[str, Any] | None  # robot config (hdf5/demo), saved with checkpoints
 
 
+def _read_option_file(option: str, read: Callable[[], T]) -> T:
+    """``read()`` of the file an option names; a malformed file is a ConfigError (one line, naming it: the
+    readers' messages start with the path), not a traceback."""
+    try:
+        return read()
+    except (ValueError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{option}: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from e
+
+
 def _dataset_list(path: str | None, used: list[str]) -> list[str]:
     """Dataset names by id: the official list file (ids = positions, DATA.md §4.5) or the sources' order."""
     if path is None:
@@ -206,7 +218,8 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
             hdf5_sources.append((val_sources[robot.dataset_name], val_dir))
         weights = {robot.dataset_name: 1.0}
         if cfg.stats_file:
-            all_stats = stats.load_stats(cfg.stats_file, names=[robot.dataset_name])
+            all_stats = _read_option_file("--data.stats-file",
+                                          lambda: stats.load_stats(cfg.stats_file, names=[robot.dataset_name]))
         else:
             all_stats = {robot.dataset_name: stats.compute_dataset_stats(robot.dataset_name, src.episode_states())}
     elif cfg.kind == "rlds":
@@ -219,20 +232,21 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
                              "beforehand (scripts/encode_lang.py --rlds-dirs ... --store-dir DIR)")
         srcs = [RldsSource(d, horizon=horizon, skip_bad_episodes=cfg.skip_bad_episodes) for d in cfg.rlds_dirs]
         sources = {s.dataset_name: s for s in srcs}
-        weights = (load_weights(cfg.weights_file, list(sources)) if cfg.weights_file
-                   else dict.fromkeys(sources, 1.0))
+        weights = (_read_option_file("--data.weights-file", lambda: load_weights(cfg.weights_file, list(sources)))
+                   if cfg.weights_file else dict.fromkeys(sources, 1.0))
         if cfg.weights_per == "per_episode":
             weights = per_episode_weights(sources, weights)
         if cfg.stats_file is None:
             raise ConfigError("data.kind=rlds needs --data.stats-file (dataset_stat.json; scripts/compute_stats.py)")
-        all_stats = stats.load_stats(cfg.stats_file, names=list(sources))
+        all_stats = _read_option_file("--data.stats-file", lambda: stats.load_stats(cfg.stats_file,
+                                                                                     names=list(sources)))
     else:
         raise ValueError(f"unknown data kind {cfg.kind!r}")
     missing = [n for n in sources if n not in all_stats]
     if missing:
-        raise KeyError(f"{cfg.stats_file}: no statistics for datasets {missing}")
+        raise ConfigError(f"--data.stats-file: {cfg.stats_file}: no statistics for datasets {missing}")
     used_stats = {n: all_stats[n] for n in sources}
-    names = _dataset_list(cfg.datasets_file, list(sources))
+    names = _read_option_file("--data.datasets-file", lambda: _dataset_list(cfg.datasets_file, list(sources)))
     ids = {n: names.index(n) for n in sources}
     means = stats.state_means(used_stats)
     store = language.EmbeddingStore(cfg.lang_embed_dir) if cfg.lang_embed_dir else None

@@ -199,6 +199,8 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     if cfg.model.init_from is not None and pathlib.Path(cfg.model.init_from).resolve() == out.resolve():
         raise RunSetupError(f"--output-dir {out} is the --model.init-from directory: the run's export would replace "
                             "the weights it starts from; give another --output-dir")
+    if out.exists() and not out.is_dir():
+        raise RunSetupError(f"--output-dir {out} is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- model + frozen image encoder

@@ -98,3 +98,24 @@ def test_demo_dataset_is_rewritten_when_its_settings_change(tmp_path):
     assert sorted(p.name for p in root.glob("episode_*")) == ["episode_000", "episode_001"]
     with h5py.File(root / "episode_000" / "episode_000.hdf5") as f:
         assert f["/action"].shape == (30, 14)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{bad", r"stats\.json: not JSON"),
+    (json.dumps({"agilex": {"state_mean": [0.0] * 128}}), r"stats\.json: agilex has no state_std"),
+    (json.dumps({"agilex": {k: [0.0] * 127 + [float("nan")] for k in ("state_mean", "state_std", "state_min",
+                                                                        "state_max")}}),
+     r"stats\.json: agilex\.state_mean holds NaN/inf"),
+    (json.dumps({"other": {}}), r"stats\.json: no statistics for datasets \['agilex'\]"),
+])
+def test_malformed_stats_file_is_a_config_error_naming_it(tmp_path, content, message):
+    """train.py prints ConfigErrors as one line; each of these was a traceback (one named no file, one said
+    'got tuple' for a missing key, NaN statistics were only found as a NaN loss)."""
+    from rdt_jax.training.config import ConfigError
+
+    demo = DataConfig(kind="demo", demo_episodes=2, demo_episode_len=24, demo_image_size=16,
+                      stats_file=str(tmp_path / "stats.json"))
+    (tmp_path / "stats.json").write_text(content)
+    with pytest.raises(ConfigError, match=rf"^--data\.stats-file: .*{message}"):
+        build_data(demo, output_dir=str(tmp_path / "run"), local_batch=2, local_sample_batch=0, image_size=16,
+                   horizon=8, seed=0)
