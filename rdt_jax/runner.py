@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rdt_jax import host_memory
-from rdt_jax.checks import check_index_range
+from rdt_jax.checks import check_index_range, check_key_mask
 from rdt_jax.convert.pretrained_dir import read_config, read_params
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layer_layout import stack_blocks, unstack_blocks
@@ -142,9 +142,14 @@ class RDTRunner:
         params = nnx.to_pure_dict(self.params)
         return stack_blocks(params) if self.config.layer_layout == "per_layer" else params
 
+    def _check_mask(self, name: str, mask: Any) -> None:
+        # Inside the jitted calls the mask is traced: checked here, on the caller's concrete array.
+        check_key_mask(name, mask, right_padded=self.config.attention_impl == "cudnn")
+
     # ------------------------------------------------------------------ API
     def model(self, x, freq, t, lang_c, img_c, lang_mask=None, *, capture: bool = False):
         """The RDT denoiser: ``x`` (B, horizon+1, D) -> (B, horizon, action_dim)."""
+        self._check_mask("lang_mask", lang_mask)
         return _denoise(self.graphdef, self.state, x, freq, t, lang_c, img_c, lang_mask, capture=capture)
 
     def compute_loss(
@@ -166,6 +171,7 @@ class RDTRunner:
                 )
         else:  # under jit an out-of-range step would index the noise tables clamped (PyTorch raises)
             timesteps = check_index_range("timesteps", timesteps, self.config.noise_scheduler.num_train_timesteps)
+        self._check_mask("lang_attn_mask", lang_attn_mask)
         return _loss(self.graphdef, self.state, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_gt,
                           action_mask, ctrl_freqs, noise, timesteps)
 
@@ -180,6 +186,7 @@ class RDTRunner:
                 raise ValueError("predict_action needs rng=jax.random.key(...) or an explicit initial noise")
             b = jnp.shape(state_tokens)[0]
             noise = jax.random.normal(rng, (b, self.config.pred_horizon, self.config.action_dim), jnp.float32)
+        self._check_mask("lang_attn_mask", lang_attn_mask)
         return _sample(self.graphdef, self.state, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_mask,
                             ctrl_freqs, noise, num_steps=num_steps, cache_cond_kv=cache_cond_kv, capture=capture)
 

@@ -165,6 +165,26 @@ def test_bad_shapes_are_clear_errors(tiny_runner, name, bad, message):
         r.predict_action(*[x[k] for k in PA], rng=jax.random.key(0))
 
 
+def test_language_masks_every_kernel_cannot_honour_are_refused(tiny_runner):
+    """A row with no valid token (the official code returns NaN, our kernels would average padding) is an
+    error for concrete inputs; so is a mask that is not right-padded for the cuDNN kernel, which takes
+    sequence lengths (it would attend to the first n tokens instead)."""
+    x = tiny_inputs(tiny_runner.config)
+    empty = x["lang_attn_mask"].copy()
+    empty[1] = False
+    args = {**x, "lang_attn_mask": empty}
+    with pytest.raises(ValueError, match=r"lang_attn_mask rows \[1\] have no valid token"):
+        tiny_runner.predict_action(*[args[k] for k in PA], rng=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"lang_attn_mask rows \[1\] have no valid token"):
+        tiny_runner.compute_loss(*[args[k] for k in ["lang_tokens", "lang_attn_mask", "img_tokens", "state_tokens",
+                                                     "action_gt", "action_mask", "ctrl_freqs"]], rng=jax.random.key(0))
+    cudnn = rdt_jax.RDTRunner(init_policy(tiny_config(attention_impl="cudnn"), 0))
+    left = np.ones_like(x["lang_attn_mask"])
+    left[0, :2] = False  # left-padded
+    with pytest.raises(ValueError, match=r"rows \[0\] are not right-padded .*attention_impl='xla'"):
+        cudnn.predict_action(*[{**x, "lang_attn_mask": left}[k] for k in PA], rng=jax.random.key(0))
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("bfloat16", 2e-2)])
 def test_remat_changes_nothing_numerically(dtype, tol):
     cfg = tiny_config(depth=4, dtype=dtype)

@@ -5,7 +5,8 @@ boolean, True = may attend (the official CrossAttention's convention).
 
 * ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``, any backend (default).
 * ``cudnn``: the cuDNN fused kernel (GPU only). cuDNN takes key padding as sequence lengths, so the
-  mask must be right-padded (valid tokens first), which is what RDT's language masks always are.
+  mask must be right-padded (valid tokens first), which is what RDT's language masks always are; the runner
+  refuses other concrete masks for this kernel (rdt_jax.checks.check_key_mask).
 * ``pallas``: reserved for the project's own Pallas kernel (a later issue).
 * ``reference``: plain einsum + softmax in float32, the ground truth for tests.
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rdt_jax.checks import check_key_mask
 from rdt_jax.diffusion import DDPMSchedule, add_noise, dpm_solver_plan
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layers import Adaptor
@@ -70,6 +71,7 @@ class RDTPolicy(nnx.Module):
         b = lang_tokens.shape[0]
         if lang_attn_mask is not None:
             _check("lang_attn_mask", lang_attn_mask, (b, lang_tokens.shape[1]))
+            check_key_mask("lang_attn_mask", lang_attn_mask, right_padded=cfg.attention_impl == "cudnn")
         _check("state_tokens", state_tokens, (b, 1, cfg.state_token_dim))
         _check("action_mask", action_mask, (b, 1, cfg.action_dim))
         _check("ctrl_freqs", jnp.asarray(ctrl_freqs), (b,))
