@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from rdt_jax.convert.keys import KeySpec, key_specs
@@ -34,9 +35,13 @@ def check_keys(reader: WeightReader, specs: list[KeySpec]) -> None:
     missing, extra = sorted(want - have), sorted(have - want)
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        shapes = {s.torch_key: s.torch_shape for s in specs}
+        listed = ", ".join(f"{k} {shapes[k]}" for k in missing[:8])
+        more = " ..." if len(missing) > 8 else ""
+        problems.append(f"{len(missing)} missing key(s) (expected shapes): {listed}{more}")
     if extra:
-        problems.append(f"{len(extra)} unexpected key(s): {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
+        listed = ", ".join(f"{k} {reader.shape(k)}" for k in extra[:8])
+        problems.append(f"{len(extra)} unexpected key(s): {listed}{' ...' if len(extra) > 8 else ''}")
     for spec in specs:
         if spec.torch_key in have:
             shape = reader.shape(spec.torch_key)
@@ -67,6 +72,10 @@ def params_from_torch(reader: WeightReader, cfg: RDTConfig, dtype: Any = np.floa
             raise WeightFileError(
                 f"{reader.path}: tensor {spec.torch_key} has shape {value.shape}, expected {spec.torch_shape}"
             )
+        if value.dtype.kind != "f" and value.dtype != ml_dtypes.bfloat16:  # integers would convert silently
+            raise WeightFileError(f"{reader.path}: tensor {spec.torch_key} is {value.dtype}, expected floating point")
+        if not np.all(np.isfinite(value)):  # a corrupt release would convert cleanly and sample NaN
+            raise WeightFileError(f"{reader.path}: tensor {spec.torch_key} holds NaN/inf")
         if spec.transpose:
             value = value.T
         if spec.layer is not None:

@@ -49,6 +49,8 @@ def _bad_file(tmp_path, small_dir, state, suffix: str) -> pathlib.Path:
         ("missing", "missing key"),
         ("extra", "unexpected key"),
         ("shape", "shape mismatch for model.blocks.1.cross_attn.kv.weight"),
+        ("int", "tensor model.blocks.0.norm1.weight is int32, expected floating point"),
+        ("nan", "tensor model.blocks.0.norm1.weight holds NaN/inf"),
     ],
 )
 def test_bad_checkpoints_fail_clearly_and_write_nothing(tmp_path, small_dir, state, capsys, fmt, corruption, message):
@@ -57,15 +59,23 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(tmp_path, small_dir, sta
         del state["model.blocks.3.attn.q_norm.weight"]
     elif corruption == "extra":
         state["model.blocks.9.attn.q_norm.weight"] = torch.ones(32)
-    else:
+    elif corruption == "shape":
         state["model.blocks.1.cross_attn.kv.weight"] = torch.zeros(256, 127)
+    elif corruption == "int":
+        state["model.blocks.0.norm1.weight"] = state["model.blocks.0.norm1.weight"].to(torch.int32)
+    else:
+        bad = state["model.blocks.0.norm1.weight"].clone()
+        bad[3] = float("nan")
+        state["model.blocks.0.norm1.weight"] = bad
     src = _bad_file(tmp_path, small_dir, state, fmt)
     out = tmp_path / "out"
     assert _convert(src, out) == 1
     err = capsys.readouterr().err
     assert message in err
-    if corruption == "missing":
-        assert "model.blocks.3.attn.q_norm.weight" in err
+    if corruption == "missing":  # named with the shape it should have
+        assert "model.blocks.3.attn.q_norm.weight (32,)" in err
+    if corruption == "extra":
+        assert "model.blocks.9.attn.q_norm.weight (32,)" in err
     if corruption == "shape":
         assert "(256, 127)" in err and "(256, 128)" in err
     assert not out.exists()
