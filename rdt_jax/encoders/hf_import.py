@@ -151,6 +151,7 @@ class CheckpointReader:
         for path in files:
             if self.format == "safetensors":
                 header, start = _safetensors_header(path)
+                size = path.stat().st_size
                 for key, info in header.items():
                     if key == "__metadata__":
                         continue
@@ -158,6 +159,9 @@ class CheckpointReader:
                         raise CheckpointMismatchError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
                     self._add(key, TensorInfo(tuple(info["shape"]), info["dtype"], path))
                     begin, end = info["data_offsets"]
+                    if start + end > size:
+                        raise CheckpointMismatchError(f"{path}: tensor {key!r} ends at byte {start + end}, past the "
+                                                      f"end of the file ({size} bytes): truncated?")
                     self._st_offsets[key] = (start, begin, end)
             else:
                 try:
@@ -168,6 +172,8 @@ class CheckpointReader:
                     raise CheckpointMismatchError(f"{path}: expected a state dict, got {type(sd).__name__}")
                 self._bin[path] = sd
                 for key, t in sd.items():
+                    if not (hasattr(t, "shape") and hasattr(t, "dtype")):
+                        raise CheckpointMismatchError(f"{path}: entry {key!r} is a {type(t).__name__}, not a tensor")
                     self._add(key, TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch."), path))
 
     def _add(self, key: str, info: TensorInfo) -> None:
@@ -177,6 +183,17 @@ class CheckpointReader:
 
     def keys(self) -> list[str]:
         return list(self.entries)
+
+    def read_weight(self, key: str) -> np.ndarray:
+        """:meth:`read`, refusing a tensor that is not floating point or holds NaN/inf (a corrupt download
+        would load cleanly and encode NaN)."""
+        value = self.read(key)
+        if value.dtype.kind != "f" and value.dtype != ml_dtypes.bfloat16:
+            raise CheckpointMismatchError(f"{self.entries[key].file}: tensor {key!r} is {value.dtype}, "
+                                          "expected floating point")
+        if not np.all(np.isfinite(value)):
+            raise CheckpointMismatchError(f"{self.entries[key].file}: tensor {key!r} holds NaN/inf")
+        return value
 
     def read(self, key: str) -> np.ndarray:
         """One tensor as a numpy array in its stored dtype (a view into the mmap where possible)."""
@@ -381,10 +398,10 @@ def import_params(
         if src.stacked:
             value = _zeros(tuple(var.shape), dtype, sharding)
             for i, k in enumerate(keys):
-                host = np.ascontiguousarray(src.transform(reader.read(k)).astype(dtype, copy=False))
+                host = np.ascontiguousarray(src.transform(reader.read_weight(k)).astype(dtype, copy=False))
                 value = _set_layer(value, host, np.int32(i))
         else:
-            host = np.ascontiguousarray(src.transform(reader.read(keys[0])).astype(dtype, copy=False))
+            host = np.ascontiguousarray(src.transform(reader.read_weight(keys[0])).astype(dtype, copy=False))
             value = jax.device_put(host, sharding)
         del host
         out.append((path, var.replace(value)))

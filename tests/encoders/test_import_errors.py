@@ -126,3 +126,38 @@ def test_unreadable_bin_names_the_file(t5_dir):
     (t5_dir / "pytorch_model.bin").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointMismatchError, match=r"pytorch_model\.bin: not a readable PyTorch state dict"):
         load_t5(t5_dir)
+
+
+def test_truncated_safetensors_names_the_file_and_tensor(t5_dir):
+    path = t5_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(CheckpointMismatchError, match=r"model\.safetensors: tensor '.*' ends at byte \d+, past the end "
+                                                      r"of the file .*truncated"):
+        load_t5(t5_dir)
+
+
+def test_non_tensor_bin_entry_names_the_key(t5_dir):
+    import torch
+
+    state = {k: torch.from_numpy(v.copy()) for k, v in load_file(str(t5_dir / "model.safetensors")).items()}
+    (t5_dir / "model.safetensors").unlink()
+    torch.save({**state, "extra_step": 5}, t5_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointMismatchError, match=r"pytorch_model\.bin: entry 'extra_step' is a int, not a tensor"):
+        load_t5(t5_dir)
+
+
+@pytest.mark.parametrize("bad", ["int", "nan"])
+def test_non_float_or_non_finite_weights_are_refused(t5_dir, bad):
+    key = "encoder.final_layer_norm.weight"
+
+    def corrupt(t):
+        if bad == "int":
+            t[key] = t[key].astype(np.int64)
+        else:
+            t[key] = t[key].copy()
+            t[key][2] = np.nan
+
+    _edit(t5_dir, corrupt)
+    message = "is int64, expected floating point" if bad == "int" else "holds NaN/inf"
+    with pytest.raises(CheckpointMismatchError, match=rf"model\.safetensors: tensor '{re.escape(key)}' {message}"):
+        load_t5(t5_dir)
