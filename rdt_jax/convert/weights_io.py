@@ -185,26 +185,73 @@ class TorchReader:
             _drop_mapped_pages(storage.data_ptr(), storage.nbytes())
 
 
-WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
+# Single files, then the index files ``save_pretrained`` writes when it shards a large checkpoint.
+WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                     "pytorch_model.bin.index.json")
 
 
 def find_weights(src: pathlib.Path) -> pathlib.Path:
-    """The weight file inside a Hugging Face-style directory (safetensors preferred)."""
+    """The weight file (or shard index) inside a Hugging Face-style directory (safetensors preferred)."""
     for name in WEIGHT_FILE_NAMES:
         if (src / name).is_file():
             return src / name
     raise WeightFileError(f"{src}: no weight file found (looked for {', '.join(WEIGHT_FILE_NAMES)})")
 
 
+class ShardedReader:
+    """The shards a Hugging Face index file (``*.index.json``: ``weight_map`` key -> shard file) lists, read as
+    one checkpoint; each shard is opened when one of its tensors is first asked for."""
+
+    def __init__(self, index: pathlib.Path):
+        self.path = index
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightFileError(f"{index}: not a shard index with a 'weight_map' ({e})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WeightFileError(f"{index}: 'weight_map' must map tensor names to shard files")
+        self._shard_of = {k: index.parent / v for k, v in weight_map.items()}
+        for shard in sorted(set(self._shard_of.values())):
+            if not shard.is_file():
+                raise WeightFileError(f"{index}: shard {shard.name} does not exist")
+        self._readers: dict[pathlib.Path, WeightReader] = {}
+
+    def _reader(self, key: str) -> WeightReader:
+        if key not in self._shard_of:
+            raise WeightFileError(f"{self.path}: no tensor {key!r} in the index")
+        shard = self._shard_of[key]
+        if shard not in self._readers:
+            reader = open_weights(shard)
+            if key not in reader.keys():
+                raise WeightFileError(f"{shard}: tensor {key!r}, which {self.path.name} places there, is missing")
+            self._readers[shard] = reader
+        return self._readers[shard]
+
+    def keys(self) -> list[str]:
+        return list(self._shard_of)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._reader(key).shape(key)
+
+    def get(self, key: str) -> np.ndarray:
+        return self._reader(key).get(key)
+
+    def release(self, key: str) -> None:
+        self._reader(key).release(key)
+
+
 def open_weights(path: str | pathlib.Path) -> WeightReader:
     path = pathlib.Path(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: weight file does not exist")
+    if path.name.endswith(".index.json"):
+        return ShardedReader(path)
     if path.suffix == ".safetensors":
         return SafetensorsReader(path)
     if path.suffix in (".bin", ".pt", ".pth"):
         return TorchReader(path)
-    raise WeightFileError(f"{path}: unknown weight file type {path.suffix!r} (.safetensors, .bin, .pt, .pth)")
+    raise WeightFileError(f"{path}: unknown weight file type {path.suffix!r} (.safetensors, .bin, .pt, .pth, "
+                          "or a *.index.json shard index)")
 
 
 def iter_tensors(reader: WeightReader) -> Iterator[tuple[str, np.ndarray]]:

@@ -168,6 +168,37 @@ def test_bf16_release_file_converts(tmp_path, small_dir, state):
             np.testing.assert_array_equal(got[key].astype(np.float32), value.float().numpy(), err_msg=key)
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_sharded_checkpoint_converts_like_the_single_file(tmp_path, small_dir, state, capsys, fmt):
+    """A fine-tune saved by save_pretrained above its shard size: shards plus an index file naming each
+    tensor's shard. Converted from the directory or the index file, the weights are those of the single file."""
+    src = tmp_path / "sharded"
+    src.mkdir()
+    shutil.copy(small_dir / "config.json", src / "config.json")
+    keys = list(state)
+    halves = {f"model-0000{i + 1}-of-00002.{fmt}": keys[i::2] for i in range(2)}
+    for name, part in halves.items():
+        shard = {k: state[k].contiguous() for k in part}
+        if fmt == "safetensors":
+            save_file(shard, str(src / name))
+        else:
+            torch.save(shard, src / name)
+    index = src / ("model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json")
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {k: n for n, part in halves.items() for k in part}}))
+    assert _convert(src, tmp_path / "from_dir") == 0
+    assert _convert(index, tmp_path / "from_index", "--config", src / "config.json") == 0
+    assert _convert(small_dir / "model.safetensors", tmp_path / "single", "--config", small_dir / "config.json") == 0
+    want = dict(_torch_named(rdt_jax.load_pretrained(tmp_path / "single")))
+    for out in ("from_dir", "from_index"):
+        got = dict(_torch_named(rdt_jax.load_pretrained(tmp_path / out)))
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    (src / next(iter(halves))).unlink()
+    assert _convert(src, tmp_path / "broken") == 1
+    assert f"shard {next(iter(halves))} does not exist" in capsys.readouterr().err
+
+
 def _torch_named(runner):
     from rdt_jax.convert.params import torch_state_from_params
 

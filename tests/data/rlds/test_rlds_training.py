@@ -74,7 +74,10 @@ def test_datasets_file_must_list_every_dataset(rlds_config, tmp_path):
     cfg, _, _ = rlds_config
     listing = tmp_path / "datasets.json"
     listing.write_text(json.dumps(["taco_play"]))
-    with pytest.raises(KeyError, match="fractal20220817_data"):
+    from rdt_jax.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--data\.datasets-file: .*datasets\.json: datasets "
+                                          r"\['fractal20220817_data'\] are not listed"):
         _build(dataclasses.replace(cfg, datasets_file=str(listing)), tmp_path)
 
 
