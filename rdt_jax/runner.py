@@ -17,7 +17,7 @@ from flax import nnx
 
 from rdt_jax import host_memory
 from rdt_jax.checks import check_index_range, check_key_mask
-from rdt_jax.convert.pretrained_dir import read_config, read_params
+from rdt_jax.convert.pretrained_dir import read_config, read_params, stored_dtype
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layer_layout import stack_blocks, unstack_blocks
 from rdt_jax.model.policy import RDTPolicy, init_policy
@@ -193,7 +193,7 @@ class RDTRunner:
 
 def load_pretrained(
     path: str | pathlib.Path,
-    dtype: Any = "float32",
+    dtype: Any = None,
     *,
     compute_dtype: Any | None = None,
     layer_layout: str = "auto",
@@ -201,10 +201,15 @@ def load_pretrained(
 ) -> RDTRunner:
     """Loads a directory written by ``convert_torch_weights.py`` (or exported by training).
 
-    ``dtype`` is the parameter dtype; computation runs in ``compute_dtype`` (default: ``dtype``).
+    ``dtype`` is the parameter dtype (default: the dtype the directory stores, e.g. bfloat16 after
+    ``convert_torch_weights.py --dtype bfloat16``); computation runs in ``compute_dtype`` (default: ``dtype``).
     ``layer_layout`` (``auto``, ``stacked``, ``per_layer``) only changes how blocks are stored and
     run (``RDTConfig.layer_layout``), never the results.
     """
+    if dtype is None:
+        dtype = stored_dtype(path)
+        if compute_dtype is None and jnp.dtype(dtype) == jnp.float16 and jax.default_backend() == "cpu":
+            compute_dtype = "float32"  # float16 storage is fine; float16 compute is not (below)
     if jnp.dtype(compute_dtype or dtype) == jnp.float16 and jax.default_backend() == "cpu":
         # float16 weights with another compute dtype are fine.
         raise ValueError("float16 compute is not supported on CPU (XLA:CPU has no float16 x float16 -> float32 "

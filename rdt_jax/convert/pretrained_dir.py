@@ -73,6 +73,17 @@ def read_config(path: str | pathlib.Path, **overrides: Any) -> RDTConfig:
     return RDTConfig.from_json_file(cfg_file, **overrides)
 
 
+def stored_dtype(path: str | pathlib.Path) -> str:
+    """The dtype ``params/`` is stored in (``convert_torch_weights.py --dtype``, a run's param_dtype); float32
+    if its leaves differ."""
+    params_dir = pathlib.Path(path).absolute() / PARAMS_DIR
+    if not params_dir.is_dir():
+        return "float32"  # read_params names the problem
+    leaves = jax.tree.leaves(ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree)
+    dtypes = {np.dtype(a.dtype).name for a in leaves}
+    return dtypes.pop() if len(dtypes) == 1 else "float32"
+
+
 def read_params(path: str | pathlib.Path, abstract: PureParams) -> PureParams:
     """Restores ``params/`` onto ``abstract`` (ShapeDtypeStructs, optionally sharded), casting dtypes."""
     params_dir = pathlib.Path(path).absolute() / PARAMS_DIR

@@ -6,6 +6,7 @@ import json
 import pathlib
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -166,6 +167,11 @@ def test_bf16_release_file_converts(tmp_path, small_dir, state):
         got = dict(_torch_named(runner))
         for key, value in bf16.items():
             np.testing.assert_array_equal(got[key].astype(np.float32), value.float().numpy(), err_msg=key)
+        # Loaded in the dtype it was converted to unless asked otherwise (bf16: half the memory).
+        assert {str(x.dtype) for x in jax.tree.leaves(runner.param_dict())} == {dtype}
+        assert runner.config.param_dtype == runner.config.dtype == dtype
+        assert {str(x.dtype) for x in jax.tree.leaves(rdt_jax.load_pretrained(out, "float32").param_dict())} == {
+            "float32"}
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
