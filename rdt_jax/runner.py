@@ -147,10 +147,12 @@ class RDTRunner:
         check_key_mask(name, mask, right_padded=self.config.attention_impl == "cudnn")
 
     # ------------------------------------------------------------------ API
-    def model(self, x, freq, t, lang_c, img_c, lang_mask=None, *, capture: bool = False):
-        """The RDT denoiser: ``x`` (B, horizon+1, D) -> (B, horizon, action_dim)."""
+    def model(self, x, freq, t, lang_c, img_c, lang_mask=None, img_mask=None, *, capture: bool = False):
+        """The RDT denoiser: ``x`` (B, horizon+1, D) -> (B, horizon, action_dim); masks as the official
+        ``RDT.forward``'s (True = attend)."""
         self._check_mask("lang_mask", lang_mask)
-        return _denoise(self.graphdef, self.state, x, freq, t, lang_c, img_c, lang_mask, capture=capture)
+        self._check_mask("img_mask", img_mask)
+        return _denoise(self.graphdef, self.state, x, freq, t, lang_c, img_c, lang_mask, img_mask, capture=capture)
 
     def compute_loss(
         self, lang_tokens, lang_attn_mask, img_tokens, state_tokens, action_gt, action_mask, ctrl_freqs,

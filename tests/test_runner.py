@@ -185,6 +185,35 @@ def test_language_masks_every_kernel_cannot_honour_are_refused(tiny_runner):
         cudnn.predict_action(*[{**x, "lang_attn_mask": left}[k] for k in PA], rng=jax.random.key(0))
 
 
+@pytest.mark.parametrize("layout", ["stacked", "per_layer"])
+def test_image_mask_hides_the_masked_image_tokens(layout):
+    """The official RDT.forward's img_mask: masked image tokens cannot change the output (whatever their
+    values), an all-True mask is no mask, and masking does change the output."""
+    cfg = tiny_config(layer_layout=layout)
+    runner = randomised_runner(cfg)
+    rng = np.random.default_rng(3)
+    b, h = 2, cfg.hidden_size
+    x = rng.standard_normal((b, cfg.pred_horizon + 1, h)).astype(np.float32)
+    lang_c = rng.standard_normal((b, 5, h)).astype(np.float32)
+    img_c = rng.standard_normal((b, cfg.img_cond_len, h)).astype(np.float32)
+    freq, t = np.full((b,), 25.0, np.float32), np.array([10, 700])
+    lang_mask = np.ones((b, 5), bool)
+    img_mask = np.ones((b, cfg.img_cond_len), bool)
+    img_mask[1, 7:] = False
+    plain = np.asarray(runner.model(x, freq, t, lang_c, img_c, lang_mask))
+    np.testing.assert_array_equal(np.asarray(runner.model(x, freq, t, lang_c, img_c, lang_mask,
+                                                          np.ones_like(img_mask))), plain)
+    masked = np.asarray(runner.model(x, freq, t, lang_c, img_c, lang_mask, img_mask))
+    other = img_c.copy()
+    other[1, 7:] = rng.standard_normal(other[1, 7:].shape) * 10
+    np.testing.assert_allclose(np.asarray(runner.model(x, freq, t, lang_c, other, lang_mask, img_mask)), masked,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(masked[0], plain[0])  # sample 0 masks nothing
+    assert np.abs(masked[1] - plain[1]).max() > 1e-3
+    with pytest.raises(ValueError, match=r"img_mask rows \[0, 1\] have no valid token"):
+        runner.model(x, freq, t, lang_c, img_c, lang_mask, np.zeros_like(img_mask))
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("bfloat16", 2e-2)])
 def test_remat_changes_nothing_numerically(dtype, tol):
     cfg = tiny_config(depth=4, dtype=dtype)

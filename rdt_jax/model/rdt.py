@@ -147,11 +147,15 @@ class RDT(nnx.Module):
         lang_c: jax.Array | None = None,
         img_c: jax.Array | None = None,
         lang_mask: jax.Array | None = None,
+        img_mask: jax.Array | None = None,
         *,
         cond_kv: CondKV | None = None,
         capture: bool = False,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
-        """``x`` (B, horizon+1, D) -> (B, horizon, action_dim); ``capture`` also returns intermediates."""
+        """``x`` (B, horizon+1, D) -> (B, horizon, action_dim); ``capture`` also returns intermediates.
+
+        ``lang_mask`` (B, L) and ``img_mask`` (B, I): True = the block may attend to that condition token (the
+        official ``RDT.forward``'s masks; the official runner never passes ``img_mask``)."""
         cfg = self.config
         dtype = cfg.jnp_dtype
         if x.ndim != 3 or x.shape[1:] != (cfg.pred_horizon + 1, cfg.hidden_size):
@@ -176,8 +180,13 @@ class RDT(nnx.Module):
             expected = (batch, lc.shape[1] if lc is not None else cond_kv.lang_k[0].shape[-2])
             if lang_mask.shape != expected:
                 raise ValueError(f"lang_mask must have shape {expected}, got {lang_mask.shape}")
+        if img_mask is not None:
+            img_mask = jnp.asarray(img_mask, bool)
+            expected = (batch, ic.shape[1] if ic is not None else cond_kv.img_k[0].shape[-2])
+            if img_mask.shape != expected:
+                raise ValueError(f"img_mask must have shape {expected}, got {img_mask.shape}")
 
-        h, block_outs = self._run_blocks(h, lc, ic, lang_mask, cond_kv, capture)
+        h, block_outs = self._run_blocks(h, lc, ic, lang_mask, img_mask, cond_kv, capture)
         final = self.final_layer(h)
         out = final[:, -cfg.pred_horizon :]
         if not capture:
@@ -187,27 +196,27 @@ class RDT(nnx.Module):
             "block_out": block_outs, "final_out": final,
         }
 
-    def _run_blocks(self, h, lc, ic, lang_mask, cond_kv: CondKV | None, capture: bool):
+    def _run_blocks(self, h, lc, ic, lang_mask, img_mask, cond_kv: CondKV | None, capture: bool):
         if self.per_layer:
-            return self._run_blocks_per_layer(h, lc, ic, lang_mask, cond_kv, capture)
+            return self._run_blocks_per_layer(h, lc, ic, lang_mask, img_mask, cond_kv, capture)
         cfg = self.config
         n_pairs = cfg.num_img_blocks
         lang_gd, lang_state = nnx.split(layer_slice(self.lang_blocks, 0, n_pairs) if n_pairs else self.lang_blocks)
 
         def pair(h, xs, conds):
             lang_state, img_state, kvs = xs
-            lc, ic, lang_mask = conds
+            lc, ic, lang_mask, img_mask = conds
             lang_kv = None if kvs is None else (kvs[0], kvs[1])
             img_kv = None if kvs is None else (kvs[2], kvs[3])
             h1 = nnx.merge(lang_gd, lang_state)(h, lc, lang_mask, lang_kv)
-            h2 = nnx.merge(img_gd, img_state)(h1, ic, None, img_kv)
+            h2 = nnx.merge(img_gd, img_state)(h1, ic, img_mask, img_kv)
             return h2, (jnp.stack([h1, h2]) if capture else None)
 
         if cfg.remat != "none":
             pair = jax.checkpoint(pair, policy=remat_policy(cfg.remat, h.shape[1]))
         # The conditions are arguments, not closed over: a custom VJP differentiates its arguments only.
         pair = with_bit_residuals(pair)
-        conds = (lc, ic, lang_mask)
+        conds = (lc, ic, lang_mask, img_mask)
 
         outs = []
         if n_pairs:
@@ -227,7 +236,7 @@ class RDT(nnx.Module):
             outs.append(h[None])
         return h, (jnp.concatenate(outs, axis=0) if capture else None)
 
-    def _run_blocks_per_layer(self, h, lc, ic, lang_mask, cond_kv: CondKV | None, capture: bool):
+    def _run_blocks_per_layer(self, h, lc, ic, lang_mask, img_mask, cond_kv: CondKV | None, capture: bool):
         def run(graphdef, block_state, h, cond, mask, kv):
             return nnx.merge(graphdef, block_state)(h, cond, mask, kv)
 
@@ -240,6 +249,6 @@ class RDT(nnx.Module):
             kv = None
             if cond_kv is not None:
                 kv = (cond_kv.lang_k[j], cond_kv.lang_v[j]) if lang else (cond_kv.img_k[j], cond_kv.img_v[j])
-            h = run(graphdef, state, h, lc if lang else ic, lang_mask if lang else None, kv)
+            h = run(graphdef, state, h, lc if lang else ic, lang_mask if lang else img_mask, kv)
             outs.append(h)
         return h, (jnp.stack(outs) if capture else None)
