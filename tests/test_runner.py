@@ -210,6 +210,13 @@ def test_image_mask_hides_the_masked_image_tokens(layout):
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(masked[0], plain[0])  # sample 0 masks nothing
     assert np.abs(masked[1] - plain[1]).max() > 1e-3
+    # The cached-condition path (K/V computed once, as predict_action does) masks the same way.
+    from flax import nnx
+
+    rdt = nnx.merge(runner.graphdef, runner.state).model
+    cached = rdt(jnp.asarray(x), freq, t, lang_mask=lang_mask, img_mask=img_mask,
+                 cond_kv=rdt.precompute_cond_kv(jnp.asarray(lang_c), jnp.asarray(img_c)))
+    np.testing.assert_allclose(np.asarray(cached), masked, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"img_mask rows \[0, 1\] have no valid token"):
         runner.model(x, freq, t, lang_c, img_c, lang_mask, np.zeros_like(img_mask))
 
