@@ -232,6 +232,12 @@ class LogConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ValidationConfig:
+    """Periodic sampling of validation batches with the official metrics (TRAINING.md §5).
+
+    Every validation scores the same samples (a fixed stream from the seed), so the curve follows the model,
+    not the draw; the official code draws new ones each time. ``batch_size`` is global; the overall metrics
+    average per-device ratios as the official one-process-per-GPU code does."""
+
     every: int = 500  # 0 = never (a final validation still runs when > 0)
     batch_size: int = 8  # global
     num_batches: int = 2

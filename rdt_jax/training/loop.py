@@ -314,7 +314,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
             host = {k: _gather(_to_global({k: vb[k]}, mesh)[k])
                     for k in ("actions", "state_elem_mask", "state_norm", "data_indices")}
             batches.append(val.batch_metrics(pred, host["actions"], host["state_elem_mask"], host["state_norm"],
-                                             processes=nproc))
+                                             shards=n_dev))
             indices.append(host["data_indices"])
             first_plot = first_plot or (pred, host)
         metrics = val.aggregate(batches, indices, data.dataset_names)

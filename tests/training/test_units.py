@@ -191,12 +191,17 @@ def test_official_metrics_by_hand():
     np.testing.assert_allclose(m["sample_l2err"], [1 / 1.001, 2 / 1.001], rtol=1e-6)
     agg = val.aggregate([m, m], [np.array([0, 1]), np.array([0, 1])], ["a", "b"])
     assert agg["overall_avg_sample_mse"] == 2.0 and agg["a_sample_mse"] == 1.0 and agg["b_sample_mse"] == 4.0
-    # Two processes of one sample each: their local ratios 1 and 4 averaged, not the pooled 18 / 9.
-    two = val.batch_metrics(pred, act, mask, norm, processes=2)
+    # Two devices of one sample each: their local ratios 1 and 4 averaged, not the pooled 18 / 9.
+    two = val.batch_metrics(pred, act, mask, norm, shards=2)
     assert two["mse"] == pytest.approx(2.5)
     assert two["l2err"] == pytest.approx((1 / 1.001 + 2 / 1.001) / 2, rel=1e-6)
     with pytest.raises(ValueError, match="does not split"):
-        val.batch_metrics(pred, act, mask, norm, processes=3)
+        val.batch_metrics(pred, act, mask, norm, shards=3)
+    # A NaN sample makes its dataset's value NaN, as the official sums do (an average without it hid it).
+    bad = pred.copy()
+    bad[1, 0, 0] = np.nan
+    agg = val.aggregate([m, val.batch_metrics(bad, act, mask, norm)], [np.array([0, 1])] * 2, ["a", "b"])
+    assert agg["a_sample_mse"] == 1.0 and np.isnan(agg["b_sample_mse"]) and np.isnan(agg["b_sample_l2err"])
 
 
 def _toy_state(mesh):

@@ -9,22 +9,23 @@ import numpy as np
 
 
 def batch_metrics(pred: np.ndarray, actions: np.ndarray, mask: np.ndarray, state_norm: np.ndarray,
-                  *, processes: int = 1) -> dict[str, np.ndarray | float]:
+                  *, shards: int = 1) -> dict[str, np.ndarray | float]:
     """pred/actions (B, T, D), mask/state_norm (B, D) -> batch scalars and per-sample values.
 
     mse   = Σ(E·M)/ΣM ;  l2err = Σ(sqrt(E)/(N + 1e-3)·M)/ΣM, with E the squared error and the mask M and the
-    episode RMS N of each slot tiled over the T steps. As the official code, the scalars are taken over each
-    process's local batch and then averaged over the ``processes`` (the global batch holds them in process
-    order, B / processes samples each): with unequal mask sums this is not the ratio over the whole batch.
+    episode RMS N of each slot tiled over the T steps. As the official code (one process per GPU), the scalars
+    are taken over each device's share of the batch and then averaged over the ``shards`` devices (the global
+    batch holds them in device order, B / shards samples each): with unequal mask sums this is not the ratio
+    over the whole batch, and it depends on the number of devices as the official value does.
     """
-    if pred.shape[0] % processes:
-        raise ValueError(f"a batch of {pred.shape[0]} samples does not split over {processes} processes")
+    if pred.shape[0] % shards:
+        raise ValueError(f"a batch of {pred.shape[0]} samples does not split over {shards} devices")
     err = np.square(pred.astype(np.float32) - actions.astype(np.float32))
     m = np.broadcast_to(mask[:, None, :], err.shape).astype(np.float32)
     n = np.broadcast_to(state_norm[:, None, :], err.shape).astype(np.float32)
     rel = np.sqrt(err) / (n + 1e-3) * m
     per_m = m.sum(axis=(1, 2))
-    local = lambda x: x.sum(axis=(1, 2)).reshape(processes, -1).sum(axis=1)  # per-process sums
+    local = lambda x: x.sum(axis=(1, 2)).reshape(shards, -1).sum(axis=1)  # per-device sums
     with np.errstate(invalid="ignore", divide="ignore"):
         return {
             "mse": float(np.mean(local(err * m) / local(m))),
@@ -35,7 +36,8 @@ def batch_metrics(pred: np.ndarray, actions: np.ndarray, mask: np.ndarray, state
 
 
 def aggregate(batches: Sequence[dict], data_indices: Sequence[np.ndarray], names: Sequence[str]) -> dict[str, float]:
-    """``overall_avg_sample_{mse,l2err}`` (mean of batch scalars) and per-dataset means of per-sample values."""
+    """``overall_avg_sample_{mse,l2err}`` (mean of batch scalars) and per-dataset means of per-sample values
+    (NaN if any of them is NaN, as the official sums: a diverging sample is not averaged away)."""
     out = {
         "overall_avg_sample_mse": float(np.mean([b["mse"] for b in batches])),
         "overall_avg_sample_l2err": float(np.mean([b["l2err"] for b in batches])),
@@ -46,8 +48,8 @@ def aggregate(batches: Sequence[dict], data_indices: Sequence[np.ndarray], names
     for i, name in enumerate(names):
         sel = idx == i
         if sel.any():
-            out[f"{name}_sample_mse"] = float(np.nanmean(s_mse[sel]))
-            out[f"{name}_sample_l2err"] = float(np.nanmean(s_l2[sel]))
+            out[f"{name}_sample_mse"] = float(np.mean(s_mse[sel]))
+            out[f"{name}_sample_l2err"] = float(np.mean(s_l2[sel]))
     return {k: round(v, 4) for k, v in out.items()}
 
 
