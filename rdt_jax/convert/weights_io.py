@@ -222,8 +222,10 @@ class ShardedReader:
         shard = self._shard_of[key]
         if shard not in self._readers:
             reader = open_weights(shard)
-            if key not in reader.keys():
-                raise WeightFileError(f"{shard}: tensor {key!r}, which {self.path.name} places there, is missing")
+            missing = sorted({k for k, s in self._shard_of.items() if s == shard} - set(reader.keys()))
+            if missing:
+                raise WeightFileError(f"{shard}: {len(missing)} tensor(s) that {self.path.name} places there are "
+                                      f"missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
             self._readers[shard] = reader
         return self._readers[shard]
 

@@ -200,9 +200,18 @@ def test_sharded_checkpoint_converts_like_the_single_file(tmp_path, small_dir, s
         assert got.keys() == want.keys()
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-    (src / next(iter(halves))).unlink()
+    # A shard that lacks a tensor the index places there (not its first): named, nothing written.
+    first, part = next(iter(halves.items()))
+    capsys.readouterr()
+    if fmt == "safetensors":
+        save_file({k: state[k].contiguous() for k in part[:-1]}, str(src / first))
+        assert _convert(src, tmp_path / "lacking") == 1
+        assert f"{first}: 1 tensor(s) that model.safetensors.index.json places there are missing: {part[-1]}" in (
+            capsys.readouterr().err)
+        assert not (tmp_path / "lacking").exists()
+    (src / first).unlink()
     assert _convert(src, tmp_path / "broken") == 1
-    assert f"shard {next(iter(halves))} does not exist" in capsys.readouterr().err
+    assert f"shard {first} does not exist" in capsys.readouterr().err
 
 
 def _torch_named(runner):
