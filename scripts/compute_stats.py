@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip (and report) bad episode files (hdf5), as train.py's --data.skip-bad-episodes")
     p.add_argument("--index-cache", default=None, help="episode index cache file (hdf5)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # force: importing rdt_jax (orbax, absl) has configured the root logger already, which would silence these.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
     if not os.path.isdir(args.data_dir):
         p.error(f"--data-dir {args.data_dir}: no such directory")
     out_dir = os.path.dirname(os.path.abspath(args.output))

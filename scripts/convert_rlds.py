@@ -39,6 +39,16 @@ def _summary(index: StepIndex) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        convert(argv)
+    except (FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
+        # Inputs and outputs that do not fit (an existing --dst, a --src that is not a version directory, an
+        # unknown dataset name): the messages name them; no traceback.
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def convert(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--format", choices=("rlds", "official-tfrecord", "aloha-hdf5"), default="rlds")
     ap.add_argument("--src", type=pathlib.Path, help="input: tfds version dir (rlds) or episode-file directory")

@@ -171,7 +171,7 @@ def _read_option_file(option: str, read: Callable[[], T]) -> T:
     readers' messages start with the path), not a traceback."""
     try:
         return read()
-    except (ValueError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+    except (ValueError, KeyError, OSError) as e:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"{option}: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from e
 
 

@@ -62,6 +62,7 @@ def test_compute_stats_cli(tmp_path):
     r = subprocess.run([sys.executable, "scripts/compute_stats.py", "--format", "hdf5", "--data-dir",
                         str(tmp_path / "d"), "--output", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert f"wrote statistics of agilex to {out}" in r.stderr  # importing rdt_jax must not silence it
     stats = json.loads(out.read_text())
     assert set(stats) == {"other", "agilex"}
     # by hand: states from first_idx − 1 on, gripper-divided, into the official slots

@@ -419,6 +419,12 @@ def test_registry_name_comes_from_the_step_index(tiny_datasets, tmp_path):
     script = pathlib.Path(__file__).resolve().parents[3] / "scripts" / "convert_rlds.py"
     subprocess.run([sys.executable, str(script), "--dst", str(local), "--index-only", "--name", "toto"],
                    check=True, capture_output=True)
+    # A user error is one line, not a traceback: converting onto the existing directory again.
+    again = subprocess.run([sys.executable, str(script), "--src", str(tiny_datasets["toto"].tfrecord_dir), "--dst",
+                            str(local)], capture_output=True, text=True)
+    assert again.returncode == 2 and "Traceback" not in again.stderr  # (TensorFlow logs its own lines)
+    last = again.stderr.strip().splitlines()[-1]
+    assert last == f"error: {local} exists; pass overwrite=True (--overwrite) to replace it"
     src = RldsSource(local)
     assert (src.store.info.name, src.dataset_name) == ("toto_local", "toto")
     assert src.get(3, np.random.default_rng(0)).step_id == 3
