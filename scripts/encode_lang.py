@@ -40,6 +40,7 @@ for few lengths; real-token outputs do not depend on it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import pathlib
 import sys
@@ -146,6 +147,10 @@ def encode(args: Args) -> list[pathlib.Path]:
         raise UsageError("--robot and --skip-bad-episodes only apply to --hdf5-dirs")
     if args.out_dir is None and args.store_dir is None:
         raise UsageError("give --out-dir, --store-dir or both")
+    if args.out_dir is not None and "pt" in args.formats and importlib.util.find_spec("torch") is None:
+        # Found before T5 is loaded (minutes for the XXL model), not at the first file written.
+        raise UsageError("--formats pt (the default) writes torch files and needs torch: pip install "
+                         "'rdt-jax[torch]', or pass --formats safetensors")
     if args.instruction is not None:
         if not args.name or "/" in args.name or args.name in (".", ".."):
             raise UsageError(f"--name must be a plain file stem, got {args.name!r}")

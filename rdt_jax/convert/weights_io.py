@@ -145,10 +145,10 @@ def load_torch_file(path: str | pathlib.Path) -> tuple[Any, bool]:
 
 class TorchReader:
     def __init__(self, path: pathlib.Path):
+        self.path = path
+        obj, self._mapped = load_torch_file(path)  # first: its error says how to install torch
         import torch
 
-        self.path = path
-        obj, self._mapped = load_torch_file(path)
         if isinstance(obj, dict) and "module" in obj and isinstance(obj["module"], dict):
             obj = obj["module"]  # DeepSpeed model-states file
         if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):

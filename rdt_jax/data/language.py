@@ -52,8 +52,11 @@ def load_embedding(path: str | os.PathLike) -> np.ndarray:
             raise ValueError(f"{path}: missing key 'embeddings' (has {sorted(tensors)})")
         return _check(np.asarray(tensors["embeddings"], np.float32), path)
     if path.endswith(".pt"):
-        import torch
-
+        try:
+            import torch
+        except ImportError:
+            raise ValueError(f"{path}: reading .pt embeddings needs torch: pip install 'rdt-jax[torch]' (or "
+                             "re-encode the instructions as .safetensors with scripts/encode_lang.py)") from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated or not a torch file: torch raises OSError, KeyError, pickle errors

@@ -108,6 +108,17 @@ def test_unreadable_bin_is_a_clear_error(tmp_path, small_dir, capsys, content):
     assert not (tmp_path / "out").exists()
 
 
+def test_bin_without_torch_says_how_to_install_it(small_dir, monkeypatch):
+    import sys
+
+    from rdt_jax.convert.weights_io import open_weights
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # an install without the torch extra
+    with pytest.raises(WeightFileError, match=r"pytorch_model\.bin: reading \.bin/\.pt files needs torch; install "
+                                              r"the extra: pip install 'rdt-jax\[torch\]'"):
+        open_weights(small_dir / "pytorch_model.bin")
+
+
 def test_missing_source_and_models_without_an_official_form(tmp_path, small_dir, capsys):
     assert _convert(tmp_path / "typo", tmp_path / "out") == 1
     assert "typo: no such file or directory" in capsys.readouterr().err

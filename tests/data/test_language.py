@@ -51,3 +51,12 @@ def test_safetensors_store_and_padding(tmp_path):
     assert not padded[7:].any()
     with pytest.raises(ValueError, match="7 tokens, more than max_lang_len=6"):
         language.pad_embedding(x, 6)
+
+
+def test_pt_embedding_without_torch_says_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    torch.save(torch.zeros(2, 4096), tmp_path / "a.pt")
+    monkeypatch.setitem(sys.modules, "torch", None)  # an install without the torch extra
+    with pytest.raises(ValueError, match=r"a\.pt: reading \.pt embeddings needs torch: pip install 'rdt-jax\[torch\]'"):
+        language.load_embedding(tmp_path / "a.pt")

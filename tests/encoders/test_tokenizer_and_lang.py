@@ -356,6 +356,15 @@ def test_encode_lang_empty_instructions_file_is_an_error_before_t5_loads(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_encode_lang_pt_format_without_torch_is_an_error_before_t5_loads(tmp_path, monkeypatch):
+    mod = _load_encode_lang()
+    monkeypatch.setitem(sys.modules, "torch", None)  # an install without the torch extra
+    args = mod.Args(t5_dir=tmp_path / "no_t5", instruction="open the drawer", name="x", out_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match=r"--formats pt \(the default\) writes torch files and needs torch"):
+        mod.encode(args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_encode_lang_reports_bad_inputs_in_one_line(tmp_path):
     """The command line prints the error naming the file or option, not a traceback."""
     mod = _load_encode_lang()
