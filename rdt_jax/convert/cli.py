@@ -19,6 +19,7 @@ from rdt_jax.convert.pretrained_dir import (
     read_params,
 )
 from rdt_jax.convert.weights_io import WeightFileError, find_weights, open_weights
+from rdt_jax.file_modes import as_created
 from rdt_jax.model.config import RDTConfig
 
 
@@ -110,6 +111,7 @@ def jax_to_torch(src: pathlib.Path, out: pathlib.Path, dtype: str | None = None)
 
         (tmp / CONFIG_FILE).write_text(json.dumps(official, indent=2, sort_keys=True) + "\n")
         save_file(state, str(tmp / "model.safetensors"))
+        as_created(tmp / "model.safetensors")  # safetensors writes 0600
         torch.save(state, str(tmp / "pytorch_model.bin"))
     return out
 

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from rdt_jax.convert.params import PureParams, check_params
 from rdt_jax.convert.weights_io import WeightFileError
+from rdt_jax.file_modes import as_created
 from rdt_jax.model.config import RDTConfig
 
 CONFIG_FILE = "config.json"
@@ -33,6 +34,7 @@ def atomic_output_dir(out: str | pathlib.Path) -> Iterator[pathlib.Path]:
         raise FileExistsError(f"{out}: output exists and is not an empty directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    as_created(tmp, directory=True)  # mkdtemp's 0700 would outlive the rename
     try:
         yield tmp
         if out.exists():

@@ -16,6 +16,8 @@ import pathlib
 
 import numpy as np
 
+from rdt_jax.file_modes import as_created
+
 LANG_DIM = 4096
 _ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 
@@ -77,6 +79,7 @@ def save_embedding(path: str | os.PathLike, embeddings: np.ndarray, instruction:
 
     save_file({"embeddings": np.ascontiguousarray(_check(np.asarray(embeddings), os.fspath(path)))},
               os.fspath(path), metadata={"instruction": instruction})
+    as_created(path)  # safetensors writes 0600: a shared embedding store must be readable by its users
 
 
 class EmbeddingStore:

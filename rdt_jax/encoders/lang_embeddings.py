@@ -27,6 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from rdt_jax.encoders.hf_import import read_safetensors
+from rdt_jax.file_modes import as_created
 
 __all__ = ["load_lang_embedding", "save_lang_embedding_pt", "save_lang_embedding_safetensors"]
 
@@ -50,6 +51,7 @@ def save_lang_embedding_safetensors(
         str(path),
         {"instruction": instruction},
     )
+    as_created(path)  # safetensors writes 0600
 
 
 def save_lang_embedding_pt(
