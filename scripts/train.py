@@ -54,7 +54,7 @@ def print_summary(summary: dict) -> None:
     print(f"[rdt-jax]   checkpoints      {summary['checkpoints']}  (--resume continues from the latest)")
     print(f"[rdt-jax]   metrics          {out / 'metrics.jsonl'}")
     if (out / "tensorboard").is_dir():
-        print(f"[rdt-jax]   TensorBoard      tensorboard --logdir {out / 'tensorboard'}")
+        print(f"[rdt-jax]   TensorBoard      tensorboard --logdir {out / 'tensorboard'}  (pip install tensorboard)")
     pngs = sorted((out / "validation").glob("*.png")) if (out / "validation").is_dir() else []
     if pngs:
         print(f"[rdt-jax]   validation plots {out / 'validation'} (latest: {pngs[-1].name})")

@@ -302,6 +302,13 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
         print(f"[rdt-jax] {msg}; mesh {dict(mesh.shape)} on {n_dev} {jax.devices()[0].platform} device(s), "
               f"{nproc} process(es); train step compiled in {compile_s:.1f} s; output {out}", flush=True)
 
+    def report(line: str) -> None:
+        # Through the bar when there is one (it would be overwritten otherwise); printed for logs without it.
+        if pbar is not None:
+            pbar.write(line)
+        elif is_main:
+            print(line, flush=True)
+
     def validate(step: int) -> dict[str, float]:
         it = iter(data.sample)  # a fresh, deterministic stream: every validation sees the same samples
         batches, indices, first_plot = [], [], None
@@ -337,8 +344,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
             last_val = validate(0)
             val_history.append((0, last_val))
             writer.write(0, last_val)
-            if pbar is not None:
-                pbar.write("[validation @ 0] " + ", ".join(f"{k}={v}" for k, v in last_val.items()))
+            report("[validation @ 0] " + ", ".join(f"{k}={v}" for k, v in last_val.items()))
         while step < cfg.num_steps:
             host = pending if pending is not None else step_batch(next(train_iter), with_images=True)
             pending = None
@@ -354,6 +360,11 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
             m.update(step_time_s=dt, samples_per_s=cfg.batch_size / dt)
             if step % cfg.log.log_every == 0 or step == cfg.num_steps:
                 writer.write(step, m)
+                if pbar is None and is_main:  # a job log without the bar still shows how the run goes
+                    eta = (cfg.num_steps - step) * dt
+                    print(f"[step {step}/{cfg.num_steps}] loss={m['loss']:.4f} lr={m['lr']:.2e} "
+                          f"grad_norm={m['grad_norm']:.3f} step_s={dt:.2f} samples_s={m['samples_per_s']:.1f} "
+                          f"eta_s={eta:.0f}", flush=True)
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", gnorm=f"{m['grad_norm']:.3f}",
@@ -366,8 +377,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
                 last_val = validate(step)
                 val_history.append((step, last_val))
                 writer.write(step, last_val)
-                if pbar is not None:
-                    pbar.write(f"[validation @ {step}] " + ", ".join(f"{k}={v}" for k, v in last_val.items()))
+                report(f"[validation @ {step}] " + ", ".join(f"{k}={v}" for k, v in last_val.items()))
     finally:
         mngr.wait_until_finished()
         if pbar is not None:

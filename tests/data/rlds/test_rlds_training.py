@@ -95,9 +95,10 @@ def test_encode_lang_lists_the_rlds_instructions(tiny_datasets):
     assert mod.rlds_instructions(dirs) == list(dict.fromkeys(tiny_datasets[n].expected_instruction for n in USED))
 
 
-def test_debug_training_on_rlds(rlds_config, tmp_path):
+def test_debug_training_on_rlds(rlds_config, tmp_path, capsys):
     """The train loop end to end on the converted datasets: two steps, a validation with per-dataset metrics
-    named as the official list names them."""
+    named as the official list names them, its trajectory plot, and (without a progress bar, as in a job log)
+    a line per step and per validation."""
     from rdt_jax.training.config import PRESETS, ValidationConfig
     from rdt_jax.training.loop import train
 
@@ -105,9 +106,12 @@ def test_debug_training_on_rlds(rlds_config, tmp_path):
     cfg = PRESETS["debug"]()
     cfg = cfg.replace(output_dir=str(tmp_path / "run"), num_steps=2, batch_size=8,
                       data=dataclasses.replace(data, max_lang_len=8),
-                      validation=ValidationConfig(every=2, batch_size=8, num_batches=1, plot=False),
+                      validation=ValidationConfig(every=2, batch_size=8, num_batches=1, plot=True),
                       log=cfg.log.__class__(progress_bar=False, tensorboard=False))
     train(cfg)
+    out = capsys.readouterr().out
+    assert "[step 1/2] loss=" in out and "[step 2/2] loss=" in out and "[validation @ 2] overall_avg_sample_mse=" in out
+    assert (tmp_path / "run" / "validation" / "step_0000002.png").stat().st_size > 1000
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = next(r for r in rows if "overall_avg_sample_mse" in r)
     assert np.isfinite(val["overall_avg_sample_mse"])
