@@ -82,7 +82,7 @@ class DataConfig:
     warning and replaced by another draw."""
     rlds_dirs: tuple[str, ...] = ()
     weights_file: str | None = None  # {dataset: weight} JSON (pretrain_sample_weights.json)
-    # "per_episode": the weights are shares of episode visits, as the official pretraining (DATA.md §5.2);
+    # "per_episode": the weights are shares of episode visits, as the official pretraining;
     # "per_sample": shares of samples.
     weights_per: Literal["per_episode", "per_sample"] = "per_episode"
     # pretrain_datasets.json / finetune_datasets.json: a dataset's id (data_indices) is its position there,
@@ -104,7 +104,7 @@ class DataConfig:
     demo_image_size: int = 32
     demo_tasks: int = 4  # instructions; episode e performs task e % demo_tasks
     # Validation episodes of the same tasks from unseen start poses (0: validate on the training episodes,
-    # as the official code does, TRAINING.md §5).
+    # as the official code does).
     demo_val_episodes: int = 0
 
     def __post_init__(self) -> None:
@@ -125,7 +125,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with the official defaults (TRAINING.md §1)."""
+    """AdamW with the official defaults (lr 1e-4, betas 0.9/0.999, weight decay 1e-2, eps 1e-8)."""
 
     learning_rate: float = 1e-4
     schedule: Literal["constant", "constant_with_warmup", "cosine"] = "constant"
@@ -143,7 +143,7 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     weight_decay: float = 1e-2  # on every parameter, as officially
-    # The official DeepSpeed runs clip nothing (TRAINING.md §3); we clip at the flag's value. 0 = off.
+    # The official DeepSpeed runs clip nothing; we clip at the flag's value. 0 = off.
     max_grad_norm: float = 1.0
     # Storage of the AdamW moments between steps (updates are computed in float32). bfloat16 saves 2 bytes
     # per parameter each and is rounded stochastically (see optimizer.py).
@@ -232,7 +232,7 @@ class LogConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ValidationConfig:
-    """Periodic sampling of validation batches with the official metrics (TRAINING.md §5).
+    """Periodic sampling of validation batches with the official metrics (train/sample.py).
 
     Every validation scores the same samples (a fixed stream from the seed), so the curve follows the model,
     not the draw; the official code draws new ones each time. ``batch_size`` is global; the overall metrics
@@ -261,11 +261,17 @@ class TrainConfig:
     """One training run. ``batch_size`` is global (all devices, all micro-batches)."""
 
     output_dir: str = "runs/train"
+    """Checkpoints, logs, validation plots and the final export (rdt_jax.load_pretrained reads it)."""
     num_steps: int = 1000
+    """Optimiser steps to train to (a resumed run continues to this step)."""
     batch_size: int = 32
+    """Global batch: all devices, all processes and all accumulated micro-batches together."""
     grad_accum: int = 1
+    """Micro-batches per optimiser step (batch_size / grad_accum samples each)."""
     seed: int = 0
+    """Initialisation, data order, augmentation and noise draws."""
     resume: bool = False
+    """Continue from the latest checkpoint in output_dir (exactly: data order included)."""
     model: ModelConfig = ModelConfig()
     image_encoder: ImageEncoderConfig = ImageEncoderConfig()
     data: DataConfig = DataConfig()
@@ -334,7 +340,7 @@ def _demo() -> TrainConfig:
 
 
 def _finetune_hdf5() -> TrainConfig:
-    """finetune.sh: rdt-1b from the released weights on ALOHA-format HDF5, bf16 compute."""
+    """finetune.sh: rdt-1b on ALOHA-format HDF5 (--data.hdf5-dir; give the released weights with --init-from)."""
     return TrainConfig(
         output_dir="runs/finetune-hdf5", num_steps=200_000, batch_size=32,
         model=ModelConfig(preset="rdt-1b", remat="full"),
@@ -345,6 +351,7 @@ def _finetune_hdf5() -> TrainConfig:
 
 
 def _finetune_rlds() -> TrainConfig:
+    """finetune-hdf5's settings on converted RLDS datasets (--data.rlds-dirs; scripts/convert_rlds.py)."""
     return dataclasses.replace(_finetune_hdf5(), output_dir="runs/finetune-rlds",
                                data=DataConfig(kind="rlds", image_aug=True, state_noise_snr=40.0))
 

@@ -270,8 +270,8 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
         del params
         start = 0
         msg = "fresh start" + (" (--resume: no checkpoint found)" if cfg.resume else "")
-        if cfg.model.init_from:
-            msg += f", weights from {cfg.model.init_from}"
+        msg += (f", weights from {cfg.model.init_from}" if cfg.model.init_from
+                else ", random initial weights (--init-from DIR fine-tunes converted weights)")
     enc_params = encoder.params
 
     meta = {"rdt_config": rcfg.to_official(), "dataset_names": data.dataset_names, "dataset_stats": data.stats,

@@ -86,7 +86,8 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     if data == -1:
         data = n // fsdp
     if data * fsdp != n or data < 1 or fsdp < 1:
-        raise ConfigError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} does not cover the {n} devices")
+        raise ConfigError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} does not cover the {n} devices; set "
+                          "--mesh.data and --mesh.fsdp so that their product is the device count (-1: the rest)")
     # Auto axes: sharding is given at the jit boundary and propagated by XLA (jax.make_mesh would
     # default to Explicit axes, which changes typing rules inside the model).
     grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
