@@ -40,6 +40,30 @@ def _check(e: np.ndarray, path: str) -> np.ndarray:
     return e
 
 
+def embedding_length(path: str | os.PathLike) -> int:
+    """The token count L of an embedding file, checking its (L, 4096) shape: from the header alone for
+    .safetensors (an embedding store can hold many thousands), by loading for .pt."""
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        return load_embedding(path).shape[0]
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "np") as f:
+            if "embeddings" not in f.keys():
+                raise ValueError(f"{path}: missing key 'embeddings' (has {sorted(f.keys())})")
+            shape = tuple(f.get_slice("embeddings").get_shape())
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path}: cannot read safetensors ({e})") from e
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2 or shape[1] != LANG_DIM or shape[0] == 0:
+        raise ValueError(f"{path}: language embedding has shape {shape}, expected (L, {LANG_DIM})")
+    return shape[0]
+
+
 def load_embedding(path: str | os.PathLike) -> np.ndarray:
     """(L, 4096) float32 from a .pt or .safetensors file."""
     path = os.fspath(path)

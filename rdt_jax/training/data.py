@@ -17,8 +17,8 @@ import os
 import pathlib
 import shlex
 import shutil
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import h5py
 import numpy as np
@@ -35,18 +35,47 @@ DEMO_LANG_LEN = 5
 
 T = TypeVar("T")
 
+if TYPE_CHECKING:  # the rlds extra is optional
+    from rdt_jax.data.rlds.source import RldsSource
+
+
+def check_embedding_lengths(paths: Iterable[tuple[str, str | os.PathLike]], max_lang_len: int | None) -> None:
+    """Each ``(where, embedding file)`` reads as (L, 4096) with L <= ``max_lang_len``: a ConfigError listing
+    the ones that do not, before training (a batch would fail on them when it first draws them)."""
+    if max_lang_len is None:
+        return
+    bad, seen = [], set()
+    for where, path in paths:
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            n = language.embedding_length(path)
+        except ValueError as e:
+            bad.append(f"{where}: {e}")
+            continue
+        if n > max_lang_len:
+            bad.append(f"{where}: {path} has {n} tokens, more than --data.max-lang-len {max_lang_len}")
+    if bad:
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise ConfigError(f"{len(bad)} instruction embedding(s) unusable:\n  " + "\n  ".join(bad[:10]) + more)
+
 
 def check_instruction_embeddings(src: HDF5Source, store: language.EmbeddingStore | None, *,
-                                 data_dir: str | os.PathLike | None = None, robot: str | None = None) -> None:
-    """Every instruction of every episode has its embedding, checked before training rather than when a
-    batch first draws it (possibly hours in). `data_dir` and `robot` (the --data.robot value) only fill in
-    the scripts/encode_lang.py command that the error message gives for text instructions."""
-    missing = []
+                                 data_dir: str | os.PathLike | None = None, robot: str | None = None,
+                                 max_lang_len: int | None = None) -> None:
+    """Every instruction of every episode has its embedding (of at most ``max_lang_len`` tokens), checked
+    before training rather than when a batch first draws it (possibly hours in). `data_dir` and `robot`
+    (the --data.robot value) only fill in the scripts/encode_lang.py command that the error message gives
+    for text instructions."""
+    missing, found = [], []
     any_text = False
     for jpath, text, path in src.instructions():
         if path is not None:
             if not os.path.isfile(path):
                 missing.append(f"{jpath}: embedding file {path} not found")
+            else:
+                found.append((jpath, path))
         elif store is None:
             any_text = True
             missing.append(f"{jpath}: instruction {text!r} is text and no --data.lang-embed-dir is given")
@@ -54,6 +83,10 @@ def check_instruction_embeddings(src: HDF5Source, store: language.EmbeddingStore
             any_text = True
             missing.append(f"{jpath}: instruction {text!r} has no embedding in {store.directory} "
                            f"(expected {store.path(text).name})")
+        else:
+            found.append((jpath, store.path(text)))
+    if not missing:
+        check_embedding_lengths(found, max_lang_len)
     if missing:
         more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
         listed = "\n  ".join(missing[:10])
@@ -72,6 +105,37 @@ def check_instruction_embeddings(src: HDF5Source, store: language.EmbeddingStore
             if store is None:
                 hint += f" (then train with --data.lang-embed-dir {store_dir})"
         raise FileNotFoundError(f"{len(missing)} instruction embedding(s) missing:\n  {listed}{more}{hint}")
+
+
+def check_rlds_embeddings(sources: Sequence[RldsSource], store: language.EmbeddingStore,
+                          max_lang_len: int | None = None) -> None:
+    """Every instruction of the RLDS datasets has an embedding in ``store`` (of at most ``max_lang_len``
+    tokens), from the instructions their step indexes record; an index built before they were recorded is
+    named in a warning and not checked (reading every episode again would take long on large datasets)."""
+    missing, found, unchecked = [], [], []
+    for src in sources:
+        if src.index.instructions is None:
+            unchecked.append(str(src.builder_dir))
+            continue
+        for text in src.index.instructions:
+            path = store.path(text)
+            if path.is_file():
+                found.append((src.dataset_name, path))
+            else:
+                missing.append(f"{src.dataset_name}: instruction {text!r} has no embedding in {store.directory} "
+                               f"(expected {path.name})")
+    if unchecked:
+        print(f"[rdt-jax] warning: the step indexes of {', '.join(unchecked)} do not record instructions, so their "
+              "embeddings are not checked before training; rebuild them with scripts/convert_rlds.py --dst DIR "
+              "--index-only", flush=True)
+    if missing:
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        dirs = " ".join(shlex.quote(str(s.builder_dir)) for s in sources)
+        raise FileNotFoundError(
+            f"{len(missing)} instruction embedding(s) missing:\n  " + "\n  ".join(missing[:10]) + more
+            + f"\nencode them with: python scripts/encode_lang.py --t5-dir T5_DIR --rlds-dirs {dirs} --store-dir "
+            f"{shlex.quote(str(store.directory))}")
+    check_embedding_lengths(found, max_lang_len)
 
 
 def demo_robot(cfg: DataConfig, horizon: int) -> RobotConfig:
@@ -251,7 +315,10 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
     means = stats.state_means(used_stats)
     store = language.EmbeddingStore(cfg.lang_embed_dir) if cfg.lang_embed_dir else None
     for src, src_dir in hdf5_sources:
-        check_instruction_embeddings(src, store, data_dir=src_dir, robot=cfg.robot if cfg.kind == "hdf5" else None)
+        check_instruction_embeddings(src, store, data_dir=src_dir, robot=cfg.robot if cfg.kind == "hdf5" else None,
+                                     max_lang_len=cfg.max_lang_len)
+    if cfg.kind == "rlds":
+        check_rlds_embeddings(list(sources.values()), store, cfg.max_lang_len)
 
     def pipeline(batch: int, tcfg: TransformConfig, pseed: int, sources=sources):
         bcfg = BatchConfig(batch_size=batch, image_size=image_size, max_lang_len=cfg.max_lang_len, horizon=horizon,

@@ -119,3 +119,21 @@ def test_malformed_stats_file_is_a_config_error_naming_it(tmp_path, content, mes
     with pytest.raises(ConfigError, match=rf"^--data\.stats-file: .*{message}"):
         build_data(demo, output_dir=str(tmp_path / "run"), local_batch=2, local_sample_batch=0, image_size=16,
                    horizon=8, seed=0)
+
+
+def test_embeddings_longer_than_max_lang_len_are_found_before_training(tmp_path):
+    from rdt_jax.training.config import ConfigError
+    from rdt_jax.training.data import DEMO_LANG_LEN
+
+    demo = DataConfig(kind="demo", demo_episodes=2, demo_episode_len=24, demo_image_size=16)
+    robot = demo_robot(demo, horizon=8)
+    root = write_demo_dataset(tmp_path / "episodes", demo, robot)
+    robot_json = tmp_path / "robot.json"
+    robot_json.write_text(json.dumps(robot.to_json_dict()))
+    cfg = DataConfig(kind="hdf5", hdf5_dir=str(root), robot=str(robot_json), max_lang_len=DEMO_LANG_LEN - 1,
+                     num_threads=1, prefetch=2)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ConfigError, match=rf"lang\.safetensors has {DEMO_LANG_LEN} tokens, more than "
+                                          rf"--data\.max-lang-len {DEMO_LANG_LEN - 1}"):
+        build_data(cfg, output_dir=str(tmp_path / "run"), local_batch=2, local_sample_batch=0, image_size=16,
+                   horizon=8, seed=0)

@@ -46,6 +46,9 @@ class StepIndex:
     dropped_short: int
     thresh_low: int = registry.EPSD_LEN_THRESH_LOW
     thresh_high: int = registry.EPSD_LEN_THRESH_HIGH
+    # The distinct instructions of the kept records, in first-seen order: what training checks against the
+    # embedding store before it starts (None in indexes built before they were recorded).
+    instructions: tuple[str, ...] | None = None
 
     @property
     def records(self) -> np.ndarray:
@@ -68,6 +71,7 @@ class StepIndex:
             "thresh_low": self.thresh_low,
             "thresh_high": self.thresh_high,
             "num_entries": self.num_entries,
+            "instructions": None if self.instructions is None else list(self.instructions),
         }
         (builder_dir / INDEX_META).write_text(json.dumps(meta, indent=1))
 
@@ -89,6 +93,7 @@ class StepIndex:
                 meta["dropped_short"],
                 meta["thresh_low"],
                 meta["thresh_high"],
+                None if meta.get("instructions") is None else tuple(meta["instructions"]),
             )
 
 
@@ -109,6 +114,7 @@ def build_step_index(store: EpisodeStore, spec: DatasetSpec) -> StepIndex:
     lengths = np.zeros(len(store), np.int64)
     kept = np.zeros(len(store), bool)
     by_filter = short = 0
+    instructions: dict[str, None] = {}
     for rec in range(len(store)):
         ep = store.read(rec)
         lengths[rec] = ep.num_steps
@@ -123,7 +129,18 @@ def build_step_index(store: EpisodeStore, spec: DatasetSpec) -> StepIndex:
             short += 1
             continue
         kept[rec] = True
-    return StepIndex(spec.name, lengths, kept, by_filter, short)
+        instructions.setdefault(instruction_of(spec, ep, spec.name), None)
+    return StepIndex(spec.name, lengths, kept, by_filter, short, instructions=tuple(instructions))
+
+
+def instruction_of(spec: DatasetSpec, raw: RawEpisode, dataset_name: str) -> str:
+    """The episode's instruction text, cleaned as the official reader does (the dataset's constant or its
+    first step's instruction feature)."""
+    ins = spec.instruction
+    first = None if ins.kind == "constant" else raw.steps.get(ins.key)
+    if ins.kind != "constant" and first is None:
+        raise KeyError(f"{dataset_name}:{raw.where}: instruction feature {ins.key!r} missing")
+    return ins.resolve(None if first is None else first[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,15 +238,14 @@ class RldsSource:
         return data
 
     def _instruction(self, raw) -> str:
-        ins = self.spec.instruction
-        first = None if ins.kind == "constant" else raw.steps.get(ins.key)
-        if ins.kind != "constant" and first is None:
-            raise KeyError(f"{self.dataset_name}:{raw.where}: instruction feature {ins.key!r} missing")
-        return ins.resolve(None if first is None else first[0])
+        return instruction_of(self.spec, raw, self.dataset_name)
 
     def instructions(self) -> list[str]:
-        """The distinct instructions of the used episodes, in first-seen order (one pass over the records,
-        no image decoding): what ``scripts/encode_lang.py --rlds-dirs`` pre-encodes."""
+        """The distinct instructions of the used episodes, in first-seen order: what ``scripts/encode_lang.py
+        --rlds-dirs`` pre-encodes. Recorded in the step index; for an index from before they were, one pass
+        over the records (no image decoding)."""
+        if self.index.instructions is not None:
+            return list(self.index.instructions)
         seen: dict[str, None] = {}
         for record in self.index.records:
             seen.setdefault(self._instruction(self.store.read(int(record))), None)

@@ -23,6 +23,10 @@ def test_instructions_and_steps_per_visit(tiny_datasets):
     for name in USED:
         src = RldsSource(tiny_datasets[name].dir)
         assert src.instructions() == [tiny_datasets[name].expected_instruction]
+        # Recorded in the step index at conversion; an older index (without them) reads every episode.
+        assert src.index.instructions == (tiny_datasets[name].expected_instruction,)
+        src.index = dataclasses.replace(src.index, instructions=None)
+        assert src.instructions() == [tiny_datasets[name].expected_instruction]
         # One kept episode of LONG steps and one too short (a visit that yields nothing): LONG / 2 per visit.
         # A filtered episode is never visited.
         assert src.steps_per_visit == pytest.approx(LONG / 2)
@@ -68,6 +72,28 @@ def test_rlds_without_an_embedding_store_is_a_clear_error(rlds_config, tmp_path)
     cfg, _, _ = rlds_config
     with pytest.raises(ValueError, match=r"needs --data\.lang-embed-dir"):
         _build(dataclasses.replace(cfg, lang_embed_dir=None), tmp_path)
+
+
+def test_missing_or_too_long_embeddings_are_found_before_training(rlds_config, tiny_datasets, tmp_path):
+    """As for HDF5 data: an instruction without an embedding in the store, or one longer than
+    --data.max-lang-len, stops the run before its first step (not when a batch first draws it, maybe hours
+    in), and the error gives the command that encodes the missing ones."""
+    from rdt_jax.training.config import ConfigError
+
+    cfg, stored, _ = rlds_config
+    empty = EmbeddingStore(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError) as err:
+        _build(dataclasses.replace(cfg, lang_embed_dir=str(empty.directory)), tmp_path)
+    msg = str(err.value)
+    for name in USED:
+        text = tiny_datasets[name].expected_instruction
+        assert f"\n  {name}: instruction {text!r} has no embedding in {empty.directory}" in msg
+    assert msg.startswith(f"{len(USED)} instruction embedding(s) missing:")
+    assert msg.endswith(f"--store-dir {empty.directory}")
+    assert "scripts/encode_lang.py --t5-dir T5_DIR --rlds-dirs" in msg
+    longest = max(len(v) for v in stored.values())
+    with pytest.raises(ConfigError, match=rf"has {longest} tokens, more than --data\.max-lang-len {longest - 1}"):
+        _build(dataclasses.replace(cfg, max_lang_len=longest - 1), tmp_path)
 
 
 def test_datasets_file_must_list_every_dataset(rlds_config, tmp_path):
