@@ -14,12 +14,18 @@ from rdt_jax.training.config import DataConfig
 from rdt_jax.training.data import build_data, demo_robot, write_demo_dataset
 
 
-def test_missing_instruction_embeddings_are_found_before_training(tmp_path):
-    demo = DataConfig(kind="demo", demo_episodes=3, demo_episode_len=24, demo_image_size=16)
+def _demo_as_hdf5(tmp_path, episodes: int):
+    """Demo episodes written as a user's HDF5 directory, with their robot config as a JSON file."""
+    demo = DataConfig(kind="demo", demo_episodes=episodes, demo_episode_len=24, demo_image_size=16)
     robot = demo_robot(demo, horizon=8)
     root = write_demo_dataset(tmp_path / "episodes", demo, robot)
     robot_json = tmp_path / "robot.json"
     robot_json.write_text(json.dumps(robot.to_json_dict()))
+    return robot, root, robot_json
+
+
+def test_missing_instruction_embeddings_are_found_before_training(tmp_path):
+    robot, root, robot_json = _demo_as_hdf5(tmp_path, 3)
     keys = robot.instruction_keys
     # Episode 1's instructions are text (looked up in the store), episode 2 names a file that does not exist.
     (root / "episode_001" / robot.instruction_file).write_text(json.dumps({k: ["pick the cup"] for k in keys}))
@@ -125,11 +131,7 @@ def test_embeddings_longer_than_max_lang_len_are_found_before_training(tmp_path)
     from rdt_jax.training.config import ConfigError
     from rdt_jax.training.data import DEMO_LANG_LEN
 
-    demo = DataConfig(kind="demo", demo_episodes=2, demo_episode_len=24, demo_image_size=16)
-    robot = demo_robot(demo, horizon=8)
-    root = write_demo_dataset(tmp_path / "episodes", demo, robot)
-    robot_json = tmp_path / "robot.json"
-    robot_json.write_text(json.dumps(robot.to_json_dict()))
+    _, root, robot_json = _demo_as_hdf5(tmp_path, 2)
     cfg = DataConfig(kind="hdf5", hdf5_dir=str(root), robot=str(robot_json), max_lang_len=DEMO_LANG_LEN - 1,
                      num_threads=1, prefetch=2)
     (tmp_path / "run").mkdir()
