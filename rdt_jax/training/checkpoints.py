@@ -14,6 +14,7 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import shutil
@@ -40,7 +41,14 @@ def _use_replica_parallel_only_for_large_arrays() -> None:
     handler = ocp.type_handlers.ArrayHandler(
         min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES,
         array_metadata_store=array_metadata_store.Store())  # as Orbax's default handler
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    # Orbax warns on every run that the handler is overridden, which is the point: silenced for this call.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.setLevel(level)
 
 
 def make_manager(directory: str | os.PathLike, cfg: CheckpointConfig) -> ocp.CheckpointManager:

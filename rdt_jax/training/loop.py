@@ -293,14 +293,14 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     compile_s = time.perf_counter() - t_compile
     writer = MetricWriter(out, cfg.log, meta["train_config"], enabled=is_main,
                           resumed_step=start if latest is not None else None)
+    if is_main:  # before the bar appears, which would overwrite it
+        print(f"[rdt-jax] {msg}; mesh {dict(mesh.shape)} on {n_dev} {jax.devices()[0].platform} device(s), "
+              f"{nproc} process(es); train step compiled in {compile_s:.1f} s; output {out}", flush=True)
     pbar = None
     if is_main and cfg.log.progress_bar:
         from tqdm import tqdm
 
         pbar = tqdm(total=cfg.num_steps, initial=start, desc="train", dynamic_ncols=True, smoothing=0.1)
-    if is_main:
-        print(f"[rdt-jax] {msg}; mesh {dict(mesh.shape)} on {n_dev} {jax.devices()[0].platform} device(s), "
-              f"{nproc} process(es); train step compiled in {compile_s:.1f} s; output {out}", flush=True)
 
     def report(line: str) -> None:
         # Through the bar when there is one (it would be overwritten otherwise); printed for logs without it.
