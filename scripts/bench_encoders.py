@@ -65,6 +65,12 @@ class Args:
     worker: str | None = None
     """Internal: run one measurement (JSON spec) and print its result as JSON."""
 
+    def __post_init__(self) -> None:
+        if self.layers is not None and self.layers < 1:
+            raise ValueError(f"--layers must be >= 1 (None: the published depth), got {self.layers}")
+        if self.reps < 1 or self.images < 1 or self.tokens < 1:
+            raise ValueError("--reps, --images and --tokens must be >= 1")
+
 
 def gflop(model: Model, images: int, tokens: int, layers: int | None) -> float:
     """Matmul FLOPs (2·m·n·k) of one forward pass, in GFLOP."""
@@ -100,6 +106,8 @@ class _RandomReader:
             return np.ones(shape, np.float32)
         # Uniform with std 0.02: cheap to draw for 4.7 B parameters, never denormal or NaN.
         return (self._rng.random(shape, dtype=np.float32) - np.float32(0.5)) * np.float32(0.02 * 12**0.5)
+
+    read_weight = read  # the importer's checked read (random data is finite float32)
 
 
 def _hf_model(model: Model, layers: int | None, torch_dtype):
@@ -330,6 +338,10 @@ def main() -> None:
                     args.json_out.write_text(json.dumps(results, indent=1))
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
     print(table(results))
+    failed = [r for r in results if "error" in r]
+    if failed:  # a table of errors is not a benchmark
+        print(f"{len(failed)} of {len(results)} measurements failed", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
