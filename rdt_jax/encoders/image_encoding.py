@@ -49,11 +49,19 @@ def _is_channels_last(shape: tuple[int, ...], channels: int) -> bool:
 
 
 def encode_images(tower: SiglipVisionTower, images: jax.Array, *, channels_last: bool | None = None) -> jax.Array:
-    """``images`` (B, N, 3, H, W) or (B, N, H, W, 3), normalised -> (B, N·num_patches, hidden); one
-    sample's (N, 3, H, W) or (N, H, W, 3) -> (N·num_patches, hidden) (RDT: six images -> (4374, 1152)).
+    """``images`` (B, N, 3, H, W) or (B, N, H, W, 3) -> (B, N·num_patches, hidden); one sample's
+    (N, 3, H, W) or (N, H, W, 3) -> (N·num_patches, hidden) (RDT: six images -> (4374, 1152)).
 
-    The output dtype is the tower's compute dtype (bfloat16 for a bfloat16 tower).
+    Float images are taken as normalised SigLIP input; uint8 images (the data pipeline's resized pixels)
+    are normalised here with the pipeline's own table. The output dtype is the tower's compute dtype
+    (bfloat16 for a bfloat16 tower).
     """
+    if images.dtype == jnp.uint8:
+        from rdt_jax.data.image_transform import normalisation_table
+
+        # The host's table (transformers' rescale + normalise per value), not x/127.5 - 1, which differs
+        # from it by an ulp for most values: training and serving see identical inputs.
+        images = jnp.asarray(normalisation_table())[jnp.asarray(images).astype(jnp.int32)]
     if images.ndim == 4:
         return encode_images(tower, images[None], channels_last=channels_last)[0]
     if images.ndim != 5:

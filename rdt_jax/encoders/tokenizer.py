@@ -23,8 +23,11 @@ _TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
 
 
 def load_t5_tokenizer(tokenizer_dir: str | pathlib.Path) -> Any:
-    """The (fast) T5 tokenizer from a local directory (``spiece.model`` and/or ``tokenizer.json``)."""
-    from transformers import AutoTokenizer  # heavy import, only when a tokenizer is needed
+    """The (fast) T5 tokenizer from a local directory (``spiece.model`` and/or ``tokenizer.json``; a
+    ``tokenizer_config.json`` is read when present, not needed)."""
+    # The T5 class by name, not AutoTokenizer: that needs a config file to choose the class and fails
+    # (blaming sentencepiece) on a folder holding only spiece.model. Heavy import: only when needed.
+    from transformers import T5TokenizerFast
 
     tokenizer_dir = pathlib.Path(tokenizer_dir)
     if not tokenizer_dir.is_dir():
@@ -33,7 +36,7 @@ def load_t5_tokenizer(tokenizer_dir: str | pathlib.Path) -> Any:
         # transformers would build an empty-vocabulary tokenizer that maps every word to <unk>.
         raise FileNotFoundError(f"{tokenizer_dir}: no T5 tokenizer ({' or '.join(_TOKENIZER_FILES)}); "
                                 "point --tokenizer-dir at google/t5-v1_1-xxl's files")
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=MAX_LANG_TOKENS)
+    return T5TokenizerFast.from_pretrained(str(tokenizer_dir), model_max_length=MAX_LANG_TOKENS)
 
 
 def tokenize(

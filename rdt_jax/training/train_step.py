@@ -93,12 +93,7 @@ class ImageEncoder:
     def encode(self, params: Any, images: jax.Array) -> jax.Array:
         from rdt_jax.encoders.image_encoding import encode_images
 
-        if images.dtype == jnp.uint8:  # the pipeline may ship uint8 pixels: normalise on the device
-            from rdt_jax.data.image_transform import normalisation_table
-
-            # The host's table (transformers' rescale + normalise per value), not x/127.5 - 1, which
-            # differs from it by an ulp for most values: training and serving see identical inputs.
-            images = jnp.asarray(normalisation_table())[images.astype(jnp.int32)]
+        # uint8 pixels from the pipeline are normalised on the device, by encode_images.
         return encode_images(nnx.merge(self.graphdef, params), images, channels_last=False)
 
 

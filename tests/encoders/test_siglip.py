@@ -163,6 +163,12 @@ def test_preprocess_and_encode_raw_images(hf_factory, errs):
     ref = _ref(model, pix).reshape(1, 6 * 16, 16)
     out = np.asarray(make_image_encoder(load_siglip(path))(pix[None]))
     assert rel_err(out, ref) <= 1e-5
+    # The pipeline's uint8 pixels (resized, not yet normalised) are normalised by the encoder itself with
+    # the same table: the same tokens (raw 0..255 values went into the patch embedding before).
+    resized = np.stack([image_transform.preprocess_uint8(f) for f in frames[:2]])  # (2, 3, 384, 384) uint8
+    uint8_tokens = encode_images(load_siglip(path), jnp.asarray(resized))
+    np.testing.assert_array_equal(np.asarray(uint8_tokens), np.asarray(encode_images(
+        load_siglip(path), jnp.asarray(pix[:2]))))
 
 
 # One group of all (batch, head) pairs; 2 groups of 2 (so400m-sized scores); 4 groups of 1.

@@ -86,6 +86,15 @@ def test_tokenizer_official_settings(tok_dir):
     assert (left_ids == ids).all() and (left_mask == mask).all()
 
 
+def test_tokenizer_from_spiece_model_alone(tok_dir, tmp_path):
+    """A folder with only spiece.model (no tokenizer_config.json or config.json) gives the same tokenizer."""
+    (tmp_path / "spiece.model").write_bytes((tok_dir / "spiece.model").read_bytes())
+    texts = ["open the drawer", "pick up the red cup."]
+    alone, full = tokenize(load_t5_tokenizer(tmp_path), texts), tokenize(load_t5_tokenizer(tok_dir), texts)
+    for a, b in zip(alone, full, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_tokenizer_directory_without_tokenizer_files(tmp_path):
     """A model directory saved without its tokenizer: transformers would build an empty vocabulary (every
     word <unk>, every instruction the same embedding); this is an error instead."""
