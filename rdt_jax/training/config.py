@@ -60,6 +60,19 @@ class ImageEncoderConfig:
     hidden_size: int = 32
     num_layers: int = 1
 
+    def __post_init__(self) -> None:
+        # An option the kind does not use would be ignored silently (e.g. --image-encoder.path with the demo's
+        # random tower): refuse it, as DataConfig does.
+        tiny = ("image_size", "patch_size", "hidden_size", "num_layers")
+        unused = [] if self.kind == "siglip" or self.path is None else ["--image-encoder.path"]
+        if self.kind != "random_tiny":
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            unused += [f"--image-encoder.{n.replace('_', '-')}" for n in tiny if getattr(self, n) != defaults[n]]
+        if unused:
+            raise ValueError(f"image_encoder.kind is {self.kind!r}, which does not use {', '.join(unused)}"
+                             + ("; set --image-encoder.kind siglip to load a checkpoint"
+                                if self.path and self.kind != "siglip" else ""))
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:

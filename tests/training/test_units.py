@@ -325,3 +325,15 @@ def test_resume_warns_about_changed_settings_by_name_but_not_reader_speed(capsys
                        ema=dataclasses.replace(cfg.ema, power=0.5))
     check_resumable(meta, None, bf16, 5)
     assert "with changed model.param_dtype, ema.power: not the run it continues" in capsys.readouterr().out
+
+
+def test_image_encoder_options_of_another_kind_are_refused():
+    """--image-encoder.path with the random tower (debug/demo) trained on random features silently."""
+    from rdt_jax.training.config import ImageEncoderConfig
+
+    with pytest.raises(ValueError, match=r"'random_tiny', which does not use --image-encoder\.path; set "
+                                         r"--image-encoder\.kind siglip"):
+        ImageEncoderConfig(kind="random_tiny", path="/ckpts/siglip")
+    with pytest.raises(ValueError, match=r"'siglip', which does not use --image-encoder\.image-size$"):
+        ImageEncoderConfig(kind="siglip", path="/ckpts/siglip", image_size=224)
+    ImageEncoderConfig(kind="random_tiny", hidden_size=64)  # fine
