@@ -118,5 +118,6 @@ def export_inference(output_dir: str | os.PathLike, rcfg: RDTConfig, params: Any
         write_pretrained_dir(ema_dir, rcfg, jax.tree.map(lambda e, p: e.astype(p.dtype),
                                                           jax.device_get(ema), params))
     for name, text in (extra_files or {}).items():
-        (out / name).write_text(text)
+        for d in (out, ema_dir) if ema else (out,):  # ema/ is an inference directory of its own
+            (d / name).write_text(text)
     return out

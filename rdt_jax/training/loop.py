@@ -142,6 +142,21 @@ def _unrestorable(mngr, step: int, error: Exception) -> RunSetupError:
                          f"{reason}); {fallback}")
 
 
+def _inference_files(cfg: TrainConfig, data: DataBundle) -> dict[str, str]:
+    """What serving needs beside the weights, written into the export (and its ema/): the statistics, the
+    robot mapping (joints <-> unified slots, gripper divisors, cameras, control frequency; HDF5/demo data)
+    and the frozen image encoder (its checkpoint path made absolute; a random tower's seed)."""
+    encoder = dataclasses.asdict(cfg.image_encoder)
+    if encoder["path"] is not None:
+        encoder["path"] = str(pathlib.Path(encoder["path"]).absolute())
+    if cfg.image_encoder.kind == "random_tiny":
+        encoder["seed"] = cfg.seed
+    files = {"dataset_stat.json": data.stats, "image_encoder.json": encoder}
+    if data.robot is not None:
+        files["robot.json"] = data.robot
+    return {name: json.dumps(content, indent=2) + "\n" for name, content in files.items()}
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -392,8 +407,8 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
         params, ema = to_layer_layout((params, ema), per_layer=False)  # exports are stacked
         if is_main:
             # The config's ema section says how ema/ was made: the run's EMA settings, not the preset's.
-            exported = ckpt.export_inference(out, rcfg.replace(ema=cfg.ema), params, ema, extra_files={
-                "dataset_stat.json": json.dumps(data.stats, indent=2) + "\n"})
+            exported = ckpt.export_inference(out, rcfg.replace(ema=cfg.ema), params, ema,
+                                             extra_files=_inference_files(cfg, data))
     mngr.close()
     summary = {"output_dir": str(out), "start_step": start, "final_step": step, "losses": losses,
                "validation": last_val, "validation_history": val_history, "checkpoints": str(mngr.directory),

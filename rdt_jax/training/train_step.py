@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +98,20 @@ class ImageEncoder:
 
         # uint8 pixels from the pipeline are normalised on the device, by encode_images.
         return encode_images(nnx.merge(self.graphdef, params), images, channels_last=False)
+
+
+def load_exported_image_encoder(export_dir: str | os.PathLike, mesh: Mesh | None = None) -> ImageEncoder:
+    """The frozen image encoder a run trained with, from its export's ``image_encoder.json`` (serving must
+    encode images with the same tower: the same checkpoint, or the same random tower's seed)."""
+    path = pathlib.Path(export_dir) / "image_encoder.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; the export of a training run records its image encoder there")
+    spec = json.loads(path.read_text())
+    seed = spec.pop("seed", 0)
+    encoder = make_image_encoder(ImageEncoderConfig(**spec), seed, mesh)
+    if encoder is None:
+        raise ValueError(f"{path}: kind {spec.get('kind')!r} has no image encoder (precomputed features)")
+    return encoder
 
 
 def make_image_encoder(cfg: ImageEncoderConfig, seed: int = 0, mesh: Mesh | None = None) -> ImageEncoder | None:

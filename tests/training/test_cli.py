@@ -85,8 +85,51 @@ def test_debug_run_exports_loadable_inference_dir(runs):
     np.testing.assert_array_equal(got["lang_adaptor"]["layers"][0]["kernel"],
                                   final["lang_adaptor"]["layers"]["0"]["kernel"])
     assert (reference / "ema" / "config.json").is_file() and (reference / "dataset_stat.json").is_file()
+    # Serving needs, beside the weights: the statistics, the robot mapping and the image encoder trained with
+    # (here the random tower, rebuilt from its seed), in the export and in its ema/.
+    from rdt_jax.data.robot_config import load_robot_config
+    from rdt_jax.training.config import PRESETS
+    from rdt_jax.training.train_step import load_exported_image_encoder, make_image_encoder
+
+    for d in (reference, reference / "ema"):
+        assert {"dataset_stat.json", "robot.json", "image_encoder.json"} <= {p.name for p in d.iterdir()}
+    assert load_robot_config(reference / "robot.json").ctrl_freq == 25
+    debug = PRESETS["debug"]()
+    trained_with = make_image_encoder(debug.image_encoder, debug.seed)
+    served = load_exported_image_encoder(reference / "ema")
+    for a, b in zip(jax.tree.leaves(served.params), jax.tree.leaves(trained_with.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
     assert _committed(reference) == [N - 8, N - 4, N]  # saved every 4, max_to_keep 3: step 4 was pruned
+
+
+def test_readme_inference_on_a_robot_runs_on_an_export(runs):
+    """The README's "Inference on a robot" calls, on a debug run's export: one observation's frames, joints
+    and pre-encoded instruction -> (64-step chunk of) 14 joint commands; masked slots stay exactly zero."""
+    import jax.numpy as jnp
+
+    from rdt_jax.data import action_space, language
+    from rdt_jax.data.robot_config import load_robot_config
+    from rdt_jax.encoders.image_encoding import preprocess_images
+    from rdt_jax.training.train_step import load_exported_image_encoder
+
+    out, _ = runs
+    runner, robot = rdt_jax.load_pretrained(out), load_robot_config(out / "robot.json")
+    encoder = load_exported_image_encoder(out)
+    rng = np.random.default_rng(0)
+    h, w, _ = robot.image_shape
+    frames = [None, None, None] + [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(3)]
+    pixels = preprocess_images(frames, size=encoder.image_size)
+    img_tokens = encoder.encode(encoder.params, jnp.asarray(pixels)[None])
+    qpos = rng.uniform(-0.5, 0.5, 14)
+    state, mask = action_space.scatter(qpos / robot.state_divisor_array, robot.state_names, dtype=np.float32)
+    state, mask = state[None, None], mask[None, None]  # (1, 1, 128) each
+    lang = language.load_embedding(out / "demo_data" / "train" / "episode_000" / "lang.safetensors")[None]
+    actions = runner.predict_action(lang, np.ones(lang.shape[:2], bool), img_tokens, state, mask,
+                                    np.array([robot.ctrl_freq], np.float32), rng=jax.random.key(0))
+    joints = action_space.extract(np.asarray(actions[0]), robot.action_names) * robot.action_divisor_array
+    assert joints.shape == (runner.config.pred_horizon, 14) and np.all(np.isfinite(joints))
+    assert np.all(np.asarray(actions)[0][:, np.asarray(mask)[0, 0] == 0] == 0)
 
 
 def test_exact_resume_after_clean_stop_and_after_kill_9(runs):
