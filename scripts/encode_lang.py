@@ -52,7 +52,7 @@ import numpy as np
 import tyro
 from tqdm import tqdm
 
-from rdt_jax.data.language import EmbeddingStore
+from rdt_jax.data.language import LANG_DIM, EmbeddingStore
 from rdt_jax.data.robot_config import DEFAULT_ROBOT, RobotConfig, load_robot_config
 from rdt_jax.encoders import load_t5
 from rdt_jax.encoders.lang_embeddings import save_lang_embedding_pt, save_lang_embedding_safetensors
@@ -176,6 +176,14 @@ def encode(args: Args) -> list[pathlib.Path]:
         raise UsageError(f"--fsdp {args.fsdp} needs as many devices; this process has {len(jax.devices())}")
     if args.fsdp > 1:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[: args.fsdp]), ("fsdp",))
+    config = args.t5_dir / "config.json"
+    if config.is_file():
+        # Checked before the weights load (minutes for T5-XXL): RDT's language tokens are 4096 wide, so the
+        # files of another width would be refused by training only later.
+        d_model = json.loads(config.read_text()).get("d_model")
+        if d_model != LANG_DIM:
+            raise UsageError(f"{config}: d_model {d_model}; RDT's language tokens are {LANG_DIM} wide "
+                             "(google/t5-v1_1-xxl)")
     tokenizer = load_t5_tokenizer(args.tokenizer_dir or args.t5_dir)
     encoder = load_t5(args.t5_dir, dtype=dtype, mesh=mesh)
     run = jax.jit(lambda enc, ids, mask: enc(ids, mask))

@@ -147,7 +147,7 @@ def test_encode_lang_script(tok_dir, hf_factory, tmp_path, errs):
     rel_err, _ = errs
     tok = load_t5_tokenizer(tok_dir)
     model, t5_dir = hf_factory(
-        "t5_encoder", vocab_size=len(tok), d_model=16, d_ff=24, d_kv=4, num_heads=4, num_layers=2
+        "t5_encoder", vocab_size=len(tok), d_model=4096, d_ff=24, d_kv=4, num_heads=4, num_layers=2
     )
     spec = importlib.util.spec_from_file_location("encode_lang", REPO / "scripts" / "encode_lang.py")
     mod = importlib.util.module_from_spec(spec)
@@ -181,7 +181,7 @@ def test_encode_lang_script(tok_dir, hf_factory, tmp_path, errs):
         n = int(mask[i].sum())
         st = load_lang_embedding(out_dir / f"lang_embed_{i}.safetensors")
         pt = load_lang_embedding(out_dir / f"lang_embed_{i}.pt")
-        assert st.shape == pt.shape == (n, 16)
+        assert st.shape == pt.shape == (n, 4096)
         assert rel_err(st, ref[i, :n]) <= 1e-5 and rel_err(pt, ref[i, :n]) <= 1e-5
         # encode_lang_batch.py's layout: the bare (L, D) tensor
         assert isinstance(torch.load(out_dir / f"lang_embed_{i}.pt", weights_only=True), torch.Tensor)
@@ -206,10 +206,10 @@ def test_encode_lang_script(tok_dir, hf_factory, tmp_path, errs):
     # The official encode_lang.py layout, as the deployment script reads it: torch.load(p)["embeddings"].
     official = torch.load(out_dir / "drawer.v1.pt", weights_only=True)
     assert official["name"] == "drawer.v1" and official["instruction"] == CORPUS[1]
-    assert official["embeddings"].dtype == torch.bfloat16 and official["embeddings"].shape == (1, n, 16)
+    assert official["embeddings"].dtype == torch.bfloat16 and official["embeddings"].shape == (1, n, 4096)
     assert (out_dir / "drawer.v1.safetensors").exists() and not (out_dir / "drawer.pt").exists()
     bf = load_lang_embedding(out_dir / "drawer.v1.pt").astype(np.float32)
-    assert bf.shape == (n, 16) and rel_err(bf, ref[1, :n]) <= 2e-2
+    assert bf.shape == (n, 4096) and rel_err(bf, ref[1, :n]) <= 2e-2
     enc = load_t5(t5_dir)
     direct = np.asarray(jax.jit(lambda e, i: e(i))(enc, jnp.asarray(ids[1:2, :n])))[0]
     assert rel_err(direct, ref[1, :n]) <= 1e-5
@@ -370,6 +370,16 @@ def test_encode_lang_pt_format_without_torch_is_an_error_before_t5_loads(tmp_pat
     monkeypatch.setitem(sys.modules, "torch", None)  # an install without the torch extra
     args = mod.Args(t5_dir=tmp_path / "no_t5", instruction="open the drawer", name="x", out_dir=tmp_path / "out")
     with pytest.raises(ValueError, match=r"--formats pt \(the default\) writes torch files and needs torch"):
+        mod.encode(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_encode_lang_refuses_a_t5_of_another_width_before_loading_it(tok_dir, hf_factory, tmp_path):
+    mod = _load_encode_lang()
+    _, t5_dir = hf_factory("t5_encoder", vocab_size=60, d_model=16, d_ff=24, d_kv=4, num_heads=4, num_layers=1)
+    args = mod.Args(t5_dir=t5_dir, tokenizer_dir=tok_dir, instruction="open the drawer", name="x",
+                    out_dir=tmp_path / "out", formats=("safetensors",))
+    with pytest.raises(ValueError, match=r"config\.json: d_model 16; RDT's language tokens are 4096 wide"):
         mod.encode(args)
     assert not (tmp_path / "out").exists()
 
