@@ -3,8 +3,8 @@
 1. `RawSample`: what a *source* (HDF5 episodes, RLDS/ArrayRecord, …) produces for one
    training step before any randomised transform — unified 128-d vectors, per-episode
    statistics, decoded camera histories, the instruction. Every source yields exactly this.
-2. `batch_spec`: the fixed-shape numpy batch that training (and the policy server, with
-   batch 1) consumes, produced by `transform.SampleTransform` + batching.
+2. `batch_spec`: the fixed-shape numpy batch that training and validation consume, produced by
+   `transform.SampleTransform` + batching.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The sample transform: RawSample → one fixed-shape model sample (DATA.md §4).
 
 One implementation for training (augmentation, condition dropout, state noise) and for
-evaluation/serving (all probabilities 0). All randomness comes from the generator the
-caller passes, which the pipeline derives from (seed, sample index).
+validation (all probabilities 0); a live observation (no future actions) is served with the same image
+and state functions it calls (encoders.image_encoding.preprocess_images, action_space.scatter).
+All randomness comes from the generator the caller passes, which the pipeline derives from (seed, sample index).
 """
 
 from __future__ import annotations
