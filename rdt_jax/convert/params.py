@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from rdt_jax.convert.keys import KeySpec, key_specs
-from rdt_jax.convert.weights_io import WeightFileError, WeightReader
+from rdt_jax.convert.weights_io import WeightFileError, WeightReader, weight_problem
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layer_layout import is_per_layer, stack_blocks
 
@@ -72,10 +71,9 @@ def params_from_torch(reader: WeightReader, cfg: RDTConfig, dtype: Any = np.floa
             raise WeightFileError(
                 f"{reader.path}: tensor {spec.torch_key} has shape {value.shape}, expected {spec.torch_shape}"
             )
-        if value.dtype.kind != "f" and value.dtype != ml_dtypes.bfloat16:  # integers would convert silently
-            raise WeightFileError(f"{reader.path}: tensor {spec.torch_key} is {value.dtype}, expected floating point")
-        if not np.all(np.isfinite(value)):  # a corrupt release would convert cleanly and sample NaN
-            raise WeightFileError(f"{reader.path}: tensor {spec.torch_key} holds NaN/inf")
+        problem = weight_problem(value)
+        if problem:
+            raise WeightFileError(f"{reader.path}: tensor {spec.torch_key} {problem}")
         if spec.transpose:
             value = value.T
         if spec.layer is not None:

@@ -96,6 +96,16 @@ class SafetensorsReader:
         """Nothing to release: every ``get`` returns a fresh array."""
 
 
+def weight_problem(value: np.ndarray) -> str | None:
+    """Why a stored weight cannot be used (not floating point, NaN/inf), or None: a corrupt release would
+    otherwise convert or load cleanly and compute NaN. One pass over the tensor."""
+    if value.dtype.kind != "f" and value.dtype != ml_dtypes.bfloat16:
+        return f"is {value.dtype}, expected floating point"
+    if not np.all(np.isfinite(value)):
+        return "holds NaN/inf"
+    return None
+
+
 def torch_to_numpy(t: Any) -> np.ndarray:
     """A CPU tensor as NumPy without rounding; bfloat16 bits reinterpreted as ml_dtypes.bfloat16."""
     import torch

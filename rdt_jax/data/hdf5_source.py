@@ -341,16 +341,16 @@ class HDF5Source:
             entries[path] = entry
             if entry["info"] is not None and self.load_instructions:
                 folder = os.path.dirname(path)
+                if folder in bad_instruction_dirs:  # warned about at its first episode
+                    self.report.add("error", path)
+                    continue
                 try:
-                    if folder in bad_instruction_dirs:
-                        raise EpisodeError(f"{path}: its folder's instruction file is unusable")
                     self._load_instructions(path)
                 except EpisodeError as e:
                     if not self.skip_bad_episodes:
                         raise
-                    if folder not in bad_instruction_dirs:
-                        bad_instruction_dirs.add(folder)
-                        log.warning("%s: skipping the episodes of %s: %s", self.dataset_name, folder, e)
+                    bad_instruction_dirs.add(folder)
+                    log.warning("%s: skipping the episodes of %s: %s", self.dataset_name, folder, e)
                     self.report.add("error", path)
                     continue
             if entry["info"] is not None:

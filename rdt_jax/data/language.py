@@ -30,11 +30,18 @@ def empty_embedding() -> np.ndarray:
     return e
 
 
+def _checked_shape(shape: tuple[int, ...], path: str) -> tuple[int, int]:
+    """(L, 4096) of an embedding stored as (L, 4096) or RDT's single-instruction (1, L, 4096)."""
+    shape = tuple(shape)
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2 or shape[1] != LANG_DIM or shape[0] == 0:
+        raise ValueError(f"{path}: language embedding has shape {shape}, expected (L, {LANG_DIM})")
+    return shape
+
+
 def _check(e: np.ndarray, path: str) -> np.ndarray:
-    if e.ndim == 3 and e.shape[0] == 1:
-        e = e[0]
-    if e.ndim != 2 or e.shape[1] != LANG_DIM or e.shape[0] == 0:
-        raise ValueError(f"{path}: language embedding has shape {e.shape}, expected (L, {LANG_DIM})")
+    e = e.reshape(_checked_shape(e.shape, path))
     if not np.all(np.isfinite(e)):
         raise ValueError(f"{path}: language embedding contains NaN or inf")
     return e
@@ -57,11 +64,7 @@ def embedding_length(path: str | os.PathLike) -> int:
         raise
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path}: cannot read safetensors ({e})") from e
-    if len(shape) == 3 and shape[0] == 1:
-        shape = shape[1:]
-    if len(shape) != 2 or shape[1] != LANG_DIM or shape[0] == 0:
-        raise ValueError(f"{path}: language embedding has shape {shape}, expected (L, {LANG_DIM})")
-    return shape[0]
+    return _checked_shape(shape, path)[0]
 
 
 def load_embedding(path: str | os.PathLike) -> np.ndarray:

@@ -21,6 +21,7 @@ episode visits instead (each visit yields all of an episode's steps, up to 2048)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -75,6 +76,12 @@ class PipelineConfig:
     prefetch_buffer_size: int = 16  # samples
 
 
+@functools.lru_cache(maxsize=256)
+def _epoch_seed(seed: int, dataset_id: int, epoch: int) -> int:
+    # 32-bit, as index_shuffle takes; cached: every sample of an epoch asks for it.
+    return int(np.random.SeedSequence([seed, _SHUFFLE, dataset_id, epoch]).generate_state(1)[0])
+
+
 class _SourceMap(grain.MapDataset):
     """An infinite MapDataset view of a StepSource."""
 
@@ -95,7 +102,7 @@ class _SourceMap(grain.MapDataset):
         if not self._entries:
             return index
         epoch, position = divmod(index, self._entries)
-        seed = int(np.random.SeedSequence([self._seed, _SHUFFLE, self._id, epoch]).generate_state(1)[0])
+        seed = _epoch_seed(self._seed, self._id, epoch)
         return grain.experimental.index_shuffle(position, max_index=self._entries - 1, seed=seed, rounds=4)
 
     def __getitem__(self, index):

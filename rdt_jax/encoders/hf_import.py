@@ -35,7 +35,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from rdt_jax.convert.weights_io import WeightFileError, load_torch_file, torch_to_numpy
+from rdt_jax.convert.weights_io import WeightFileError, load_torch_file, torch_to_numpy, weight_problem
 
 __all__ = [
     "CheckpointMismatchError",
@@ -188,11 +188,9 @@ class CheckpointReader:
         """:meth:`read`, refusing a tensor that is not floating point or holds NaN/inf (a corrupt download
         would load cleanly and encode NaN)."""
         value = self.read(key)
-        if value.dtype.kind != "f" and value.dtype != ml_dtypes.bfloat16:
-            raise CheckpointMismatchError(f"{self.entries[key].file}: tensor {key!r} is {value.dtype}, "
-                                          "expected floating point")
-        if not np.all(np.isfinite(value)):
-            raise CheckpointMismatchError(f"{self.entries[key].file}: tensor {key!r} holds NaN/inf")
+        problem = weight_problem(value)
+        if problem:
+            raise CheckpointMismatchError(f"{self.entries[key].file}: tensor {key!r} {problem}")
         return value
 
     def read(self, key: str) -> np.ndarray:

@@ -39,6 +39,12 @@ if TYPE_CHECKING:  # the rlds extra is optional
     from rdt_jax.data.rlds.source import RldsSource
 
 
+def _listed(problems: Sequence[str], what: str) -> str:
+    """``"N <what>:"`` and the first ten problems, one per line (the rest counted)."""
+    more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    return f"{len(problems)} {what}:\n  " + "\n  ".join(problems[:10]) + more
+
+
 def check_embedding_lengths(paths: Iterable[tuple[str, str | os.PathLike]], max_lang_len: int | None) -> None:
     """Each ``(where, embedding file)`` reads as (L, 4096) with L <= ``max_lang_len``: a ConfigError listing
     the ones that do not, before training (a batch would fail on them when it first draws them)."""
@@ -57,8 +63,7 @@ def check_embedding_lengths(paths: Iterable[tuple[str, str | os.PathLike]], max_
         if n > max_lang_len:
             bad.append(f"{where}: {path} has {n} tokens, more than --data.max-lang-len {max_lang_len}")
     if bad:
-        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise ConfigError(f"{len(bad)} instruction embedding(s) unusable:\n  " + "\n  ".join(bad[:10]) + more)
+        raise ConfigError(_listed(bad, "instruction embedding(s) unusable"))
 
 
 def check_instruction_embeddings(src: HDF5Source, store: language.EmbeddingStore | None, *,
@@ -85,11 +90,7 @@ def check_instruction_embeddings(src: HDF5Source, store: language.EmbeddingStore
                            f"(expected {store.path(text).name})")
         else:
             found.append((jpath, store.path(text)))
-    if not missing:
-        check_embedding_lengths(found, max_lang_len)
     if missing:
-        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-        listed = "\n  ".join(missing[:10])
         # One exact command, once, rather than a hint per line: it encodes every text variant at once.
         hint = ""
         if any_text:
@@ -104,7 +105,8 @@ def check_instruction_embeddings(src: HDF5Source, store: language.EmbeddingStore
             hint = f"\nencode the text instructions with: {' '.join(cmd)}"
             if store is None:
                 hint += f" (then train with --data.lang-embed-dir {store_dir})"
-        raise FileNotFoundError(f"{len(missing)} instruction embedding(s) missing:\n  {listed}{more}{hint}")
+        raise FileNotFoundError(_listed(missing, "instruction embedding(s) missing") + hint)
+    check_embedding_lengths(found, max_lang_len)
 
 
 def check_rlds_embeddings(sources: Sequence[RldsSource], store: language.EmbeddingStore,
@@ -129,10 +131,9 @@ def check_rlds_embeddings(sources: Sequence[RldsSource], store: language.Embeddi
               "embeddings are not checked before training; rebuild them with scripts/convert_rlds.py --dst DIR "
               "--index-only", flush=True)
     if missing:
-        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
         dirs = " ".join(shlex.quote(str(s.builder_dir)) for s in sources)
         raise FileNotFoundError(
-            f"{len(missing)} instruction embedding(s) missing:\n  " + "\n  ".join(missing[:10]) + more
+            _listed(missing, "instruction embedding(s) missing")
             + f"\nencode them with: python scripts/encode_lang.py --t5-dir T5_DIR --rlds-dirs {dirs} --store-dir "
             f"{shlex.quote(str(store.directory))}")
     check_embedding_lengths(found, max_lang_len)
