@@ -2,7 +2,8 @@
 """Train-step benchmark on the CPU: step time (median), peak RSS, FLOPs and utilisation.
 
 Conditioning has the official sizes but comes as precomputed features (no SigLIP / T5 in the step):
-32 language tokens x 4096 and 4374 image tokens x 1152 per sample, 64 x 128 actions. Each case runs in
+32 language tokens x 4096 (--lang-len; --lang-padded pads them further, masked, as "max" padding does)
+and 4374 image tokens x 1152 per sample, 64 x 128 actions. Each case runs in
 its own subprocess so its peak RSS is its own. AdamW (fp32 moments unless --mu-dtype / --nu-dtype bfloat16),
 clipping on, EMA off (the official 20.2 GiB reference keeps a bf16 EMA; ours would add 4.9 GB fp32),
 buffer donation on.
@@ -36,6 +37,7 @@ OFFICIAL_HERE = {("rdt-170m", 2): 6.166, ("rdt-1b", 1): 19.16}  # (model, batch)
 # Memory floor: fp32 params and grads (8 bytes per parameter) plus the two AdamW moments (4 bytes each in
 # float32, the issue's 16 B/param floor; 2 in bfloat16).
 PARAM_AND_GRAD_BYTES = 8
+LANG_TOKENS = 32  # per sample, as the official benchmark
 
 
 def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
@@ -55,7 +57,7 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
 
 
 def run_case(case: str, steps: int, mu_dtype: str, nu_dtype: str = "float32", layer_layout: str = "stacked",
-             turns: Turns | None = None) -> dict:
+             turns: Turns | None = None, lang_len: int = LANG_TOKENS, lang_padded: int | None = None) -> dict:
     import jax
     import numpy as np
 
@@ -75,12 +77,13 @@ def run_case(case: str, steps: int, mu_dtype: str, nu_dtype: str = "float32", la
     name, b, dtype, remat = case.split(":")
     b = int(b)
     rcfg = PRESETS[name](param_dtype="float32", dtype=dtype, remat=remat)
+    padded = lang_padded or lang_len
     tx, schedule = make_optimizer(OptimConfig(mu_dtype=mu_dtype, nu_dtype=nu_dtype), 1000)
     mesh = make_mesh(MeshConfig(data=1, fsdp=1), jax.devices()[:1])
     rng = np.random.default_rng(0)
     batch = {
-        "lang_embeds": rng.standard_normal((b, 32, 4096), np.float32),
-        "lang_attn_mask": np.ones((b, 32), bool),
+        "lang_embeds": rng.standard_normal((b, padded, 4096), np.float32) * (np.arange(padded) < lang_len)[:, None],
+        "lang_attn_mask": np.broadcast_to(np.arange(padded) < lang_len, (b, padded)).copy(),
         "img_tokens": rng.standard_normal((b, rcfg.img_cond_len, rcfg.img_token_dim), np.float32),
         "states": rng.standard_normal((b, 1, 128), np.float32),
         "actions": rng.standard_normal((b, rcfg.pred_horizon, 128), np.float32),
@@ -101,7 +104,7 @@ def run_case(case: str, steps: int, mu_dtype: str, nu_dtype: str = "float32", la
     compile_s = time.perf_counter() - t0
     # Analytic count (MODEL.md §10 convention, forward + backward = 3x forward). XLA's cost
     # analysis counts a scanned loop body once, so it undercounts the stacked blocks.
-    flops = train_step_flops(rcfg, 32, b)
+    flops = train_step_flops(rcfg, padded, b)  # padded tokens are computed (and masked)
     turns = turns or Turns(False)
     times = []
     for i in range(steps + 1):
@@ -116,6 +119,7 @@ def run_case(case: str, steps: int, mu_dtype: str, nu_dtype: str = "float32", la
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     return {"case": case, "params": n_params, "batch": b, "compute_dtype": dtype, "remat": remat,
             "mu_dtype": mu_dtype, "nu_dtype": nu_dtype, "layer_layout": layer_layout, "step_s_median": med,
+            "lang_len": lang_len, "lang_padded": padded,
             "step_times": times, "compile_s": compile_s,
             "flops": flops, "matmul_peak_flops": peak, "utilisation": flops / med / peak,
             "loss": float(m["loss"]), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -131,19 +135,24 @@ def main() -> int:
                     help="how the step runs the blocks (auto: per_layer on CPU)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--turns", action="store_true", help=argparse.SUPPRESS)  # with --one: bench_pair.py
+    ap.add_argument("--lang-len", type=int, default=LANG_TOKENS, help="instruction tokens per sample")
+    ap.add_argument("--lang-padded", type=int, help="language tokens per sample after padding (default: "
+                                                    "--lang-len); e.g. 1024 for --data.lang-padding max")
     ap.add_argument("--json", help="append per-case JSON lines here")
     ap.add_argument("--official", help="bench_official.py results (JSON lines) measured on this machine; "
                                        "default: the built-in Zen 5 numbers")
     a = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if a.one:
-        result = run_case(a.case[0], a.steps, a.mu_dtype, a.nu_dtype, a.layer_layout, Turns(a.turns))
+        result = run_case(a.case[0], a.steps, a.mu_dtype, a.nu_dtype, a.layer_layout, Turns(a.turns), a.lang_len,
+                          a.lang_padded)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     rows = []
     for case in a.case or CASES:
         cmd = [sys.executable, __file__, "--one", "--case", case, "--steps", str(a.steps), "--mu-dtype", a.mu_dtype,
-               "--nu-dtype", a.nu_dtype, "--layer-layout", a.layer_layout]
+               "--nu-dtype", a.nu_dtype, "--layer-layout", a.layer_layout, "--lang-len", str(a.lang_len)]
+        cmd += ["--lang-padded", str(a.lang_padded)] if a.lang_padded else []
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = [s for s in p.stdout.splitlines() if s.startswith("RESULT ")]
         if p.returncode or not line:

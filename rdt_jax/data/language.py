@@ -135,6 +135,41 @@ class EmbeddingStore:
         return load_embedding(p)
 
 
+# The shortest padded length "bucket" padding uses: instructions are mostly 10-40 T5 tokens, so a batch
+# takes one of two or three shapes (one compiled train step each).
+MIN_BUCKET = 16
+
+
+def bucket_length(longest: int, max_len: int) -> int:
+    """The length a batch whose longest instruction has ``longest`` tokens is padded to under "bucket"
+    padding: the smallest power of two >= max(longest, MIN_BUCKET), at most ``max_len``."""
+    if longest > max_len:
+        raise ValueError(f"language embedding has {longest} tokens, more than max_lang_len={max_len}")
+    return min(max_len, 1 << (max(longest, MIN_BUCKET) - 1).bit_length())
+
+
+def pad_embeddings(embs: list[np.ndarray], length: int, dtype: np.typing.DTypeLike = np.float32
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad each (L_i, 4096) with zeros into one (B, length, 4096) batch; mask (B, length) True on
+    each row's first L_i positions (as the official collator, DATA.md section 4.5)."""
+    out = np.zeros((len(embs), length, LANG_DIM), dtype)
+    mask = np.zeros((len(embs), length), bool)
+    for i, e in enumerate(embs):
+        if e.shape[0] > length:
+            raise ValueError(f"language embedding has {e.shape[0]} tokens, more than the batch's {length}")
+        out[i, : e.shape[0]] = e
+        mask[i, : e.shape[0]] = True
+    return out, mask
+
+
+def extend_padding(embeds: np.ndarray, mask: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """A padded (B, L, 4096) batch and its (B, L) mask right-padded further, to ``length`` >= L tokens."""
+    extra = length - embeds.shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad {embeds.shape[1]} language tokens to fewer ({length})")
+    return np.pad(embeds, ((0, 0), (0, extra), (0, 0))), np.pad(mask, ((0, 0), (0, extra)))
+
+
 def pad_embedding(e: np.ndarray, max_len: int, dtype: np.typing.DTypeLike = np.float32
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad (L, 4096) with zeros to (max_len, 4096); mask True on the first L rows."""

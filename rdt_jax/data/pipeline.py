@@ -31,6 +31,7 @@ from typing import Literal
 import grain
 import numpy as np
 
+from rdt_jax.data import language
 from rdt_jax.data.schema import BatchConfig, IndexedStepSource, StepSource
 from rdt_jax.data.transform import SampleTransform
 
@@ -180,4 +181,17 @@ def build_pipeline(
     ds = build_mixture(sources, weights, transform, cfg)[process_index::process_count]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                               prefetch_buffer_size=cfg.prefetch_buffer_size))
-    return it.batch(batch_cfg.batch_size, drop_remainder=True)
+    return it.batch(batch_cfg.batch_size, drop_remainder=True, batch_fn=functools.partial(collate, batch_cfg))
+
+
+def collate(batch_cfg: BatchConfig, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Samples -> one batch: each key stacked; under "bucket" padding the language right-padded to
+    ``language.bucket_length`` of the batch's longest instruction (the official collator pads to the
+    longest itself, DATA.md section 4.5; the masked tokens change nothing but the work)."""
+    keys = [k for k in samples[0] if batch_cfg.lang_padding == "max" or k not in ("lang_embeds", "lang_attn_mask")]
+    batch = {k: np.stack([s[k] for s in samples]) for k in keys}
+    if batch_cfg.lang_padding == "bucket":
+        embs = [s["lang_embeds"] for s in samples]
+        length = language.bucket_length(max(e.shape[0] for e in embs), batch_cfg.max_lang_len)
+        batch["lang_embeds"], batch["lang_attn_mask"] = language.pad_embeddings(embs, length, embs[0].dtype)
+    return batch

@@ -105,11 +105,16 @@ class IndexedStepSource(StepSource, Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class ArraySpec:
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...]  # None: any length (the language axis under "bucket" padding)
     dtype: np.dtype
 
     def zeros(self) -> np.ndarray:
+        if None in self.shape:
+            raise ValueError(f"spec {self.shape} has a free length: no fixed-shape zeros")
         return np.zeros(self.shape, self.dtype)
+
+
+LANG_PADDINGS = ("max", "bucket")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +130,15 @@ class BatchConfig:
     state_len: int = 1
     image_dtype: str = "float32"  # or "uint8"
     lang_dtype: str = "float32"  # or "bfloat16" (ml_dtypes), as the official embeddings are stored
+    # "max": every sample right-padded to max_lang_len tokens (one shape). "bucket": samples keep their
+    # own length and a batch is padded to language.bucket_length of its longest instruction, as little
+    # as the official collator's batch-longest padding but in few distinct shapes; a sample's
+    # lang_embeds is then (L, 4096) and its lang_attn_mask all True.
+    lang_padding: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.lang_padding not in LANG_PADDINGS:
+            raise ValueError(f"lang_padding must be one of {LANG_PADDINGS}, got {self.lang_padding!r}")
 
 
 def sample_spec(cfg: BatchConfig) -> dict[str, ArraySpec]:
@@ -133,6 +147,7 @@ def sample_spec(cfg: BatchConfig) -> dict[str, ArraySpec]:
 
     f32 = np.dtype(np.float32)
     s = cfg.image_size
+    lang_len = cfg.max_lang_len if cfg.lang_padding == "max" else None
     return {
         "states": ArraySpec((cfg.state_len, STATE_DIM), f32),
         "actions": ArraySpec((cfg.horizon, STATE_DIM), f32),
@@ -140,8 +155,8 @@ def sample_spec(cfg: BatchConfig) -> dict[str, ArraySpec]:
         "state_norm": ArraySpec((STATE_DIM,), f32),
         "images": ArraySpec((NUM_IMAGES, 3, s, s), np.dtype(cfg.image_dtype)),
         "image_valid": ArraySpec((NUM_IMAGES,), np.dtype(bool)),
-        "lang_embeds": ArraySpec((cfg.max_lang_len, LANG_DIM), np.dtype(cfg.lang_dtype)),
-        "lang_attn_mask": ArraySpec((cfg.max_lang_len,), np.dtype(bool)),
+        "lang_embeds": ArraySpec((lang_len, LANG_DIM), np.dtype(cfg.lang_dtype)),
+        "lang_attn_mask": ArraySpec((lang_len,), np.dtype(bool)),
         "ctrl_freqs": ArraySpec((), f32),
         "data_indices": ArraySpec((), np.dtype(np.int32)),
     }
@@ -158,6 +173,8 @@ def check_against_spec(arrays: dict[str, Any], spec: dict[str, ArraySpec], what:
         raise ValueError(f"{what}: keys {sorted(arrays)} != expected {sorted(spec)}")
     for k, sp in spec.items():
         a = arrays[k]
-        if tuple(np.shape(a)) != sp.shape or np.asarray(a).dtype != sp.dtype:
+        shape = tuple(np.shape(a))
+        fits = len(shape) == len(sp.shape) and all(w is None or w == n for n, w in zip(shape, sp.shape, strict=True))
+        if not fits or np.asarray(a).dtype != sp.dtype:
             got = f"{np.shape(a)} {np.asarray(a).dtype}"
             raise ValueError(f"{what}[{k}]: {got}, expected {sp.shape} {sp.dtype}")

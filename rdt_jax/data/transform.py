@@ -1,4 +1,4 @@
-"""The sample transform: RawSample → one fixed-shape model sample (DATA.md §4).
+"""The sample transform: RawSample → one model sample (DATA.md §4).
 
 One implementation for training (augmentation, condition dropout, state noise) and for
 validation (all probabilities 0); a live observation (no future actions) is served with the same image
@@ -131,7 +131,11 @@ class SampleTransform:
 
         # 7. language: the empty embedding with prob p.
         emb = language.empty_embedding() if rng.random() < p else self._language(raw)
-        lang, lang_mask = language.pad_embedding(emb, bcfg.max_lang_len, self.spec["lang_embeds"].dtype)
+        if bcfg.lang_padding == "max":
+            lang, lang_mask = language.pad_embedding(emb, bcfg.max_lang_len, self.spec["lang_embeds"].dtype)
+        else:  # padded per batch (pipeline.collate)
+            language.bucket_length(emb.shape[0], bcfg.max_lang_len)  # refuses an over-long embedding here
+            lang, lang_mask = emb.astype(self.spec["lang_embeds"].dtype), np.ones(emb.shape[0], bool)
 
         return {
             "states": states.astype(np.float32),

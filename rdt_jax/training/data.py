@@ -323,7 +323,7 @@ def build_data(cfg: DataConfig, *, output_dir: str, local_batch: int, local_samp
 
     def pipeline(batch: int, tcfg: TransformConfig, pseed: int, sources=sources):
         bcfg = BatchConfig(batch_size=batch, image_size=image_size, max_lang_len=cfg.max_lang_len, horizon=horizon,
-                           image_dtype="uint8")
+                           image_dtype="uint8", lang_padding=cfg.lang_padding)
         transform = SampleTransform(tcfg, bcfg, dataset_ids=ids, dataset_state_mean=means, embedding_store=store)
         pcfg = PipelineConfig(seed=pseed, num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
         return build_pipeline(sources, weights, transform, bcfg, pcfg, process_index=process_index,

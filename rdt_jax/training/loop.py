@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from rdt_jax.data import language
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layer_layout import to_layer_layout
 from rdt_jax.runner import resolve_layer_layout
@@ -81,10 +82,25 @@ def check_weights_finite(state: dict[str, Any], step: int, last_good: Callable[[
         "--resume.")
 
 
+def common_lang_len(batch: dict[str, np.ndarray], gather: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
+    """``batch`` with its language padded to the longest any process has (``gather``: this process's
+    value -> every process's). Under "bucket" padding each process pads its own rows to its own
+    longest instruction, but the global array they form needs one shape."""
+    if "lang_embeds" not in batch:
+        return batch
+    length = int(np.max(gather(np.int32(batch["lang_embeds"].shape[1]))))
+    if length == batch["lang_embeds"].shape[1]:
+        return batch
+    lang, mask = language.extend_padding(batch["lang_embeds"], batch["lang_attn_mask"], length)
+    return {**batch, "lang_embeds": lang, "lang_attn_mask": mask}
+
+
 def _to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     """This process's rows -> one global array per key, split over the mesh's batch axes."""
     out = {}
     nproc = jax.process_count()
+    if nproc > 1:
+        batch = common_lang_len(batch, multihost_utils.process_allgather)
     for k, v in batch.items():
         v = np.asarray(v)
         shape = (v.shape[0] * nproc, *v.shape[1:])
@@ -302,10 +318,25 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
                               grad_accum=cfg.grad_accum, ema_enabled=cfg.ema_enabled,
                               layer_layout=layout)
     sample_fn = make_sample_step(rcfg, mesh, encoder, cfg.validation.num_inference_steps, layer_layout=layout)
-    # Compiled ahead of the loop, so that step 1's time (progress bar, metrics) is a step's, not compilation's.
-    t_compile = time.perf_counter()
-    step_fn = step_fn.lower(state, enc_params, _to_global(host_batch, mesh)).compile()
-    compile_s = time.perf_counter() - t_compile
+    # Compiled ahead of each step that needs it (one executable per batch shape: under "bucket" language
+    # padding a batch has one of a few lengths), so that a step's time (progress bar, metrics) is a step's,
+    # not compilation's.
+    compiled: dict[tuple[int, ...], Any] = {}
+
+    def compiled_step(gb: dict[str, jax.Array]):
+        shape = tuple(gb["lang_embeds"].shape)
+        if shape not in compiled:
+            t = time.perf_counter()
+            compiled[shape] = step_fn.lower(state, enc_params, gb).compile()
+            compile_times.append(time.perf_counter() - t)
+            if len(compile_times) > 1:  # the first is reported with the run's start
+                report(f"[rdt-jax] train step compiled for {shape[1]} language tokens in {compile_times[-1]:.1f} s")
+        return compiled[shape]
+
+    compile_times: list[float] = []
+    first_global = _to_global(host_batch, mesh)
+    compiled_step(first_global)
+    compile_s = compile_times[0]
     writer = MetricWriter(out, cfg.log, meta["train_config"], enabled=is_main,
                           resumed_step=start if latest is not None else None)
     if is_main:  # before the bar appears, which would overwrite it
@@ -365,8 +396,11 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
             pending = None
             if batch_hook is not None:
                 host = batch_hook(step, host)
+            gb = first_global if host is host_batch and first_global is not None else _to_global(host, mesh)
+            first_global = None
+            run_step = compiled_step(gb)
             t0 = time.perf_counter()
-            state, m = step_fn(state, enc_params, _to_global(host, mesh))
+            state, m = run_step(state, enc_params, gb)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t0
             step += 1

@@ -60,3 +60,35 @@ def test_pt_embedding_without_torch_says_how_to_install_it(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "torch", None)  # an install without the torch extra
     with pytest.raises(ValueError, match=r"a\.pt: reading \.pt embeddings needs torch: pip install 'rdt-jax\[torch\]'"):
         language.load_embedding(tmp_path / "a.pt")
+
+
+@pytest.mark.parametrize(("longest", "max_len", "want"), [
+    (1, 1024, 16), (16, 1024, 16), (17, 1024, 32), (33, 1024, 64), (600, 1024, 1024), (1024, 1024, 1024),
+    (5, 8, 8), (65, 100, 100), (40, 100, 64),
+])
+def test_bucket_length_is_the_smallest_power_of_two_from_16_capped_at_max(longest, max_len, want):
+    assert language.bucket_length(longest, max_len) == want
+
+
+def test_bucket_length_refuses_an_instruction_longer_than_max():
+    with pytest.raises(ValueError, match="9 tokens, more than max_lang_len=8"):
+        language.bucket_length(9, 8)
+
+
+def test_pad_embeddings_right_pads_each_row_and_extend_padding_adds_masked_tokens():
+    a, b = np.full((3, 4096), 1.0, np.float32), np.full((5, 4096), 2.0, np.float32)
+    lang, mask = language.pad_embeddings([a, b], 6)
+    assert lang.shape == (2, 6, 4096) and lang.dtype == np.float32
+    assert mask.tolist() == [[True] * 3 + [False] * 3, [True] * 5 + [False]]
+    np.testing.assert_array_equal(lang[0, :3], a)
+    np.testing.assert_array_equal(lang[1, :5], b)
+    assert not lang[0, 3:].any() and not lang[1, 5:].any()
+    with pytest.raises(ValueError, match="5 tokens, more than the batch's 4"):
+        language.pad_embeddings([a, b], 4)
+    wide, wide_mask = language.extend_padding(lang, mask, 8)
+    assert wide.shape == (2, 8, 4096) and wide_mask.shape == (2, 8)
+    np.testing.assert_array_equal(wide[:, :6], lang)
+    assert not wide[:, 6:].any() and not wide_mask[:, 6:].any()
+    np.testing.assert_array_equal(wide_mask[:, :6], mask)
+    with pytest.raises(ValueError, match="cannot pad 6 language tokens to fewer"):
+        language.extend_padding(lang, mask, 4)

@@ -248,3 +248,49 @@ def test_reader_threads_and_buffer_change_neither_stream_nor_state(setup):
     more = iter(pipeline(setup, w, threads=3, prefetch=8))
     more.set_state(one.get_state())
     assert ids_of(take(more, 4)) == ids_of(take(one, 4))
+
+
+class VaryingLanguageSource(FakeSource):
+    """Sample i's instruction has lengths[i % len(lengths)] tokens, each token's values = that length."""
+
+    def __init__(self, lang_dir, lengths):
+        super().__init__("a", 0, "")
+        self.paths = []
+        for n in lengths:
+            p = lang_dir / f"len{n}.safetensors"
+            language.save_embedding(p, np.full((n, 4096), float(n), np.float32), f"{n} tokens")
+            self.paths.append(str(p))
+
+    def get(self, index, rng):
+        return dataclasses.replace(super().get(index, rng), lang_embed_path=self.paths[index % len(self.paths)])
+
+
+@pytest.mark.parametrize(("lengths", "want"), [((3, 5), 16), ((3, 20), 32), ((40, 2), 48)])
+def test_bucket_padding_pads_each_batch_to_its_longest_instructions_bucket(tmp_path, lengths, want):
+    src = VaryingLanguageSource(tmp_path, lengths)
+    bcfg = BatchConfig(batch_size=2, image_size=S, max_lang_len=48, lang_padding="bucket")
+    tf = SampleTransform(TransformConfig.eval(), bcfg, dataset_ids={"a": 0})
+    raw = src.get(0, np.random.default_rng(0))
+    sample = tf(raw, np.random.default_rng(0))  # a sample keeps its own length
+    assert sample["lang_embeds"].shape == (lengths[0], 4096) and sample["lang_attn_mask"].all()
+    batch = next(iter(build_pipeline({"a": src}, {"a": 1}, tf, bcfg, PipelineConfig(seed=0, num_threads=1))))
+    check_against_spec(batch, batch_spec(bcfg))
+    assert batch["lang_embeds"].shape == (2, want, 4096) and batch["lang_attn_mask"].shape == (2, want)
+    # Sample k of the stream has lengths[k % 2] tokens, whose values are the length.
+    for k, n in enumerate(lengths):
+        assert batch["lang_attn_mask"][k].tolist() == [True] * n + [False] * (want - n)
+        assert (batch["lang_embeds"][k, :n] == n).all() and not batch["lang_embeds"][k, n:].any()
+
+
+def test_max_padding_keeps_every_batch_at_max_lang_len(tmp_path):
+    src = VaryingLanguageSource(tmp_path, (3, 5))
+    bcfg = BatchConfig(batch_size=2, image_size=S, max_lang_len=48)
+    tf = SampleTransform(TransformConfig.eval(), bcfg, dataset_ids={"a": 0})
+    batch = next(iter(build_pipeline({"a": src}, {"a": 1}, tf, bcfg, PipelineConfig(seed=0, num_threads=1))))
+    assert batch["lang_embeds"].shape == (2, 48, 4096)
+    assert batch["lang_attn_mask"].sum(axis=1).tolist() == [3, 5]
+
+
+def test_lang_padding_is_checked():
+    with pytest.raises(ValueError, match="lang_padding must be one of"):
+        BatchConfig(batch_size=1, lang_padding="longest")

@@ -317,14 +317,14 @@ json.dump({"losses": losses, "sum": float(np.asarray(k, np.float64).sum())}, ope
 '''
 
 
-def _two_processes(script, args, timeout: int) -> None:
+def _two_processes(script, args, timeout: int) -> list[str]:
     """Runs ``script COORDINATOR PROCESS_ID *args(i)`` as processes 0 and 1 on 127.0.0.1, 2 CPU devices each."""
     import portpicker
 
     port = portpicker.pick_unused_port()
     env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    run_together([[sys.executable, str(script), f"127.0.0.1:{port}", str(i), *map(str, args(i))] for i in range(2)],
-                 [env, env], timeout=timeout, cwd=REPO)
+    return run_together([[sys.executable, str(script), f"127.0.0.1:{port}", str(i), *map(str, args(i))]
+                         for i in range(2)], [env, env], timeout=timeout, cwd=REPO)
 
 
 def test_two_processes_on_loopback_agree(tmp_path):
@@ -339,29 +339,44 @@ def test_two_processes_on_loopback_agree(tmp_path):
 
 
 TRAIN_WORKER = r'''
-import os, sys
+import dataclasses, os, sys
 sys.path.insert(0, sys.argv[3])
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_compilation_cache_dir", os.environ["RDT_JAX_COMPILATION_CACHE"])
 from rdt_jax.training.config import PRESETS, LogConfig, MeshConfig
 from rdt_jax.training.loop import train
+from rdt_jax.data import language
 cfg = PRESETS["debug"]()
 cfg = cfg.replace(output_dir=sys.argv[4], num_steps=2, log=LogConfig(progress_bar=False, tensorboard=False),
-                  mesh=MeshConfig(coordinator=sys.argv[1], num_processes=2, process_id=int(sys.argv[2])))
-train(cfg)
+                  mesh=MeshConfig(coordinator=sys.argv[1], num_processes=2, process_id=int(sys.argv[2])),
+                  data=dataclasses.replace(cfg.data, max_lang_len=32))
+
+def longer_language(step, batch):
+    # "bucket" padding gives every batch here 16 tokens; process 1's second one gets 32, as if it held a
+    # longer instruction: both processes must feed the step 32.
+    if jax.process_index() == 1 and step == 1:
+        lang, mask = language.extend_padding(batch["lang_embeds"], batch["lang_attn_mask"], 32)
+        batch = dict(batch, lang_embeds=lang, lang_attn_mask=mask)
+    return batch
+
+train(cfg, batch_hook=longer_language)
 '''
 
 
 def test_two_process_run_exports_and_resumes_on_one_process(tmp_path, capsys):
     """The whole loop on two processes (2 CPU devices each): it ends, with the export written by process 0
-    alone (a collective save there used to hang the run), and one process resumes its checkpoint."""
+    alone (a collective save there used to hang the run), and one process resumes its checkpoint. In step
+    2 one process's batch has longer language padding than the other's: they agree on one length."""
     script = tmp_path / "train_worker.py"
     script.write_text(TRAIN_WORKER)
     out = tmp_path / "run"
-    _two_processes(script, lambda i: (REPO, out), timeout=300)
+    outputs = _two_processes(script, lambda i: (REPO, out), timeout=300)
+    assert "train step compiled for 32 language tokens" in outputs[0]
     assert rdt_jax.load_pretrained(out).config.hidden_size == 32 and (out / "ema" / "params").is_dir()
+    assert len(_losses(out)) == 2 and np.isfinite([loss for _, loss in _losses(out)]).all()
     cfg = PRESETS["debug"]().replace(output_dir=str(out), num_steps=3, resume=True)
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, max_lang_len=32))
     cfg = cfg.replace(log=cfg.log.__class__(progress_bar=False, tensorboard=False))
     summary = train(cfg)
     assert (summary["start_step"], summary["final_step"]) == (2, 3) and np.isfinite(summary["losses"]).all()

@@ -107,3 +107,46 @@ def test_overfits_a_fixed_batch(setup):
     first, last = np.mean(losses[:5]), np.mean(losses[-10:])
     assert np.all(np.isfinite(losses))
     assert last < 0.1 * first, (first, last)
+
+
+def test_padding_the_language_further_changes_nothing():
+    """A batch padded to 8 language tokens and the same batch padded to 16 ("bucket" padding gives one
+    batch one length, the next another; one jitted step serves both) give the same loss and update."""
+    from rdt_jax.data import language
+    from rdt_jax.training.config import MeshConfig, ModelConfig
+    from rdt_jax.training.mesh import make_mesh
+    from rdt_jax.training.optimizer import make_optimizer
+    from rdt_jax.training.train_step import init_params, init_state, make_train_step, rdt_config, state_shardings
+
+    rcfg = rdt_config(ModelConfig(preset="tiny", hidden_size=32, depth=2, num_heads=4, pred_horizon=8,
+                                  dtype="float32"), img_cond_len=tiny.IMG, max_lang_len=16).replace(img_token_dim=16)
+    # eps as in the setup fixture: Adam's first step is ~lr * sign(g), which turns summation-order noise in a
+    # near-zero gradient into a whole step.
+    tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-3, eps=1e-6), 100)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1), jax.devices()[:2])
+    # Perturbed: RDT's zero-initialised final layer makes every initial loss independent of the conditions.
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype),
+                          jax.device_get(init_params(rcfg, 0)))
+    fresh = lambda p: init_state(p, tx, 0, True)
+    abstract = jax.eval_shape(fresh, params)
+    shardings = state_shardings(abstract, mesh)
+    short = tiny.batch(3)
+    long = dict(short)
+    long["lang_embeds"], long["lang_attn_mask"] = language.extend_padding(short["lang_embeds"],
+                                                                          short["lang_attn_mask"], 16)
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in short.items()}
+    step = make_train_step(rcfg, tx, schedule, rcfg.ema, mesh, abstract, shapes, None)
+    results = []
+    for b in (short, long):
+        state, m = step(jax.jit(fresh, out_shardings=shardings)(params), None, b)
+        results.append((float(m["loss"]), jax.device_get(state["params"])))
+    (loss_a, pa), (loss_b, pb) = results
+    assert np.isfinite(loss_a)
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    # The check can fail: putting a token where the padding was does change the step.
+    unmasked = dict(long, lang_attn_mask=np.ones_like(long["lang_attn_mask"]))
+    _, m = step(jax.jit(fresh, out_shardings=shardings)(params), None, unmasked)
+    assert abs(float(m["loss"]) - loss_a) > 1e-4
