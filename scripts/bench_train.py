@@ -183,7 +183,9 @@ def main() -> int:
         rss = r["peak_rss_gib"] * 2**30
         moment_bytes = sum(2 if r.get(k) == "bfloat16" else 4 for k in ("mu_dtype", "nu_dtype"))
         floor = (PARAM_AND_GRAD_BYTES + moment_bytes) * r["params"]
-        print(f"| {r['case']} | {r['step_s_median']:.2f} | {ref or '-'} | {sp} | {rss / 1e9:.2f} | {rss / floor:.3f} | "
+        lang = f"{r['lang_len']}/{r['lang_padded']}" if r["lang_padded"] != r["lang_len"] else f"{r['lang_len']}"
+        print(f"| {r['case']} (language tokens {lang}) | {r['step_s_median']:.2f} | {ref or '-'} | {sp} | "
+              f"{rss / 1e9:.2f} | {rss / floor:.3f} | "
               f"{r['flops'] / 1e9:.0f} | {100 * r['utilisation']:.0f}% of {r['matmul_peak_flops'] / 1e9:.0f} "
               f"GFLOP/s | {r['compile_s']:.0f} |")
     return 0
