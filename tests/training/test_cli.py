@@ -124,12 +124,18 @@ def test_readme_inference_on_a_robot_runs_on_an_export(runs):
     qpos = rng.uniform(-0.5, 0.5, 14)
     state, mask = action_space.scatter(qpos / robot.state_divisor_array, robot.state_names, dtype=np.float32)
     state, mask = state[None, None], mask[None, None]  # (1, 1, 128) each
-    lang = language.load_embedding(out / "demo_data" / "train" / "episode_000" / "lang.safetensors")[None]
-    actions = runner.predict_action(lang, np.ones(lang.shape[:2], bool), img_tokens, state, mask,
+    emb = language.load_embedding(out / "demo_data" / "train" / "episode_000" / "lang.safetensors")
+    lang, lang_mask = language.pad_embeddings([emb], language.bucket_length(len(emb), runner.config.max_lang_cond_len))
+    actions = runner.predict_action(lang, lang_mask, img_tokens, state, mask,
                                     np.array([robot.ctrl_freq], np.float32), rng=jax.random.key(0))
     joints = action_space.extract(np.asarray(actions[0]), robot.action_names) * robot.action_divisor_array
     assert joints.shape == (runner.config.pred_horizon, 14) and np.all(np.isfinite(joints))
     assert np.all(np.asarray(actions)[0][:, np.asarray(mask)[0, 0] == 0] == 0)
+    # The padding is masked: the unpadded instruction gives the same actions.
+    assert lang.shape[1] > len(emb)
+    unpadded = runner.predict_action(emb[None], np.ones((1, len(emb)), bool), img_tokens, state, mask,
+                                     np.array([robot.ctrl_freq], np.float32), rng=jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(actions), np.asarray(unpadded), rtol=1e-5, atol=1e-6)
 
 
 def test_exact_resume_after_clean_stop_and_after_kill_9(runs):
