@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from rdt_jax.model.config import adaptor_depth
 
@@ -103,6 +104,12 @@ def _dense_split_bwd(at, res, g):
 dense_split.defvjp(_dense_split_fwd, _dense_split_bwd)
 
 
+# The name every Linear output carries for remat policies: inside RDT's blocks these are the products over
+# the action-sequence tokens ("save_cond_kv_and_tokens" saves them). Named after the rounding to the
+# compute dtype, so a bf16 block keeps 2 bytes per value, not the float32 product's 4.
+LINEAR_OUT_NAME = "linear_out"
+
+
 class Linear(nnx.Linear):
     """``nnx.Linear`` (same parameters) that accumulates and adds the bias in float32, rounding once.
 
@@ -117,12 +124,12 @@ class Linear(nnx.Linear):
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
         if out_sharding is None and self.precision is None:
-            return dense(inputs, kernel, bias)
+            return checkpoint_name(dense(inputs, kernel, bias), LINEAR_OUT_NAME)
         y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision,
                                 preferred_element_type=jnp.float32, out_sharding=out_sharding)
         if bias is not None:
             y = y + bias.astype(jnp.float32)
-        return y.astype(inputs.dtype)
+        return checkpoint_name(y.astype(inputs.dtype), LINEAR_OUT_NAME)
 
 
 def linear(

@@ -16,7 +16,7 @@ from flax import nnx
 from rdt_jax.model.bit_residuals import with_bit_residuals
 from rdt_jax.model.blocks import COND_KV_NAME, FinalLayer, RDTBlock, layer_slice, per_layer, stacked
 from rdt_jax.model.config import RDTConfig
-from rdt_jax.model.layers import TimestepEmbedder
+from rdt_jax.model.layers import LINEAR_OUT_NAME, TimestepEmbedder
 from rdt_jax.model.pos_embed import initial_pos_tables
 
 
@@ -42,34 +42,16 @@ _REMAT_POLICIES = {
     # Everything recomputed but the conditions' K/V products: with 4374 image tokens they are most of
     # a block's forward FLOPs (rdt-1b batch 1: 1.03 of ~1.2 TFLOP) for 0.5 GB saved in bf16.
     "save_cond_kv": jax.checkpoint_policies.save_only_these_names(COND_KV_NAME),
+    # Also each block's linear outputs, all over the action-sequence tokens (the conditions' K/V come
+    # from dense_split, not a Linear): the recomputation "save_cond_kv" leaves (rdt-1b: 1.2 s of a 15 s
+    # step on a 2-core CPU) is mostly these small products and what they feed. Saved rounded to the
+    # compute dtype: rdt-1b at batch 1, ~55 MB in bf16.
+    "save_cond_kv_and_tokens": jax.checkpoint_policies.save_only_these_names(COND_KV_NAME, LINEAR_OUT_NAME),
 }
 
 
-def _token_products(num_tokens: int):
-    """Saves the unbatched products whose rows are the ``num_tokens`` tokens of the action sequence (its
-    linear layers; at batch 1 also each head's attention output), not those over condition tokens."""
-
-    def saveable(prim, *avals, **params) -> bool:
-        if prim is not jax.lax.dot_general_p:
-            return False
-        (contract_l, contract_r), (batch_l, _) = params["dimension_numbers"]
-        if batch_l:
-            return False
-        lhs, rhs = avals
-        out = [d for i, d in enumerate(lhs.shape) if i not in contract_l]
-        out += [d for i, d in enumerate(rhs.shape) if i not in contract_r]
-        return len(out) >= 2 and out[-2] == num_tokens
-
-    return saveable
-
-
-def remat_policy(name: str, num_tokens: int):
-    """The ``jax.checkpoint`` policy of ``RDTConfig.remat`` for blocks over ``num_tokens`` tokens."""
-    if name == "save_cond_kv_and_tokens":
-        # The recomputation "save_cond_kv" leaves (rdt-1b: 1.2 s of a 15 s step on a 2-core CPU) is
-        # mostly these small products and what they feed, for ~0.1 GB more at batch 1.
-        return jax.checkpoint_policies.save_from_both_policies(_REMAT_POLICIES["save_cond_kv"],
-                                                               _token_products(num_tokens))
+def remat_policy(name: str):
+    """The ``jax.checkpoint`` policy of ``RDTConfig.remat``."""
     return _REMAT_POLICIES[name]
 
 
@@ -213,7 +195,7 @@ class RDT(nnx.Module):
             return h2, (jnp.stack([h1, h2]) if capture else None)
 
         if cfg.remat != "none":
-            pair = jax.checkpoint(pair, policy=remat_policy(cfg.remat, h.shape[1]))
+            pair = jax.checkpoint(pair, policy=remat_policy(cfg.remat))
         # The conditions are arguments, not closed over: a custom VJP differentiates its arguments only.
         pair = with_bit_residuals(pair)
         conds = (lc, ic, lang_mask, img_mask)
@@ -241,7 +223,7 @@ class RDT(nnx.Module):
             return nnx.merge(graphdef, block_state)(h, cond, mask, kv)
 
         if self.config.remat != "none":
-            run = jax.checkpoint(run, policy=remat_policy(self.config.remat, h.shape[1]), static_argnums=(0,))
+            run = jax.checkpoint(run, policy=remat_policy(self.config.remat), static_argnums=(0,))
         outs = []
         for i in range(self.config.depth):
             j, lang = i // 2, i % 2 == 0  # even blocks attend to language, odd ones to images
