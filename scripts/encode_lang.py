@@ -228,10 +228,12 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
         raise SystemExit(f"error: --t5-dir {args.t5_dir}: no such directory")
     from rdt_jax.data.hdf5_source import EpisodeError
     from rdt_jax.data.robot_config import RobotConfigError
+    from rdt_jax.encoders.hf_import import CheckpointMismatchError
 
     try:
         written = encode(args)
-    except (UsageError, EpisodeError, RobotConfigError, FileNotFoundError) as e:  # each names its file or option
+    except (UsageError, EpisodeError, RobotConfigError, CheckpointMismatchError, FileNotFoundError) as e:
+        # each names its file or option
         raise SystemExit(f"error: {e}") from e
     where = " and ".join(str(d) for d in (args.out_dir, args.store_dir) if d is not None)
     print(f"wrote {len(written)} files to {where}", file=sys.stderr)

@@ -25,6 +25,10 @@ class WeightFileError(ValueError):
     """A weight file that cannot be read, or whose contents do not match the model."""
 
 
+class MissingShardError(WeightFileError, FileNotFoundError):
+    """A shard that a checkpoint's index file lists is not there."""
+
+
 class WeightReader(Protocol):
     path: pathlib.Path
 
@@ -208,22 +212,29 @@ def find_weights(src: pathlib.Path) -> pathlib.Path:
     raise WeightFileError(f"{src}: no weight file found (looked for {', '.join(WEIGHT_FILE_NAMES)})")
 
 
+def read_shard_index(index: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Tensor name -> shard file of a Hugging Face index file (``*.index.json``, its ``weight_map``), every
+    listed shard checked to exist."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise WeightFileError(f"{index}: not a shard index with a 'weight_map' ({e})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightFileError(f"{index}: 'weight_map' must map tensor names to shard files")
+    shard_of = {k: index.parent / v for k, v in weight_map.items()}
+    for shard in sorted(set(shard_of.values())):
+        if not shard.is_file():
+            raise MissingShardError(f"{index}: shard {shard.name} does not exist")
+    return shard_of
+
+
 class ShardedReader:
     """The shards a Hugging Face index file (``*.index.json``: ``weight_map`` key -> shard file) lists, read as
     one checkpoint; each shard is opened when one of its tensors is first asked for."""
 
     def __init__(self, index: pathlib.Path):
         self.path = index
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightFileError(f"{index}: not a shard index with a 'weight_map' ({e})") from None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise WeightFileError(f"{index}: 'weight_map' must map tensor names to shard files")
-        self._shard_of = {k: index.parent / v for k, v in weight_map.items()}
-        for shard in sorted(set(self._shard_of.values())):
-            if not shard.is_file():
-                raise WeightFileError(f"{index}: shard {shard.name} does not exist")
+        self._shard_of = read_shard_index(index)
         self._readers: dict[pathlib.Path, WeightReader] = {}
 
     def _reader(self, key: str) -> WeightReader:

@@ -35,7 +35,14 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from rdt_jax.convert.weights_io import WeightFileError, load_torch_file, torch_to_numpy, weight_problem
+from rdt_jax.convert.weights_io import (
+    MissingShardError,
+    WeightFileError,
+    load_torch_file,
+    read_shard_index,
+    torch_to_numpy,
+    weight_problem,
+)
 
 __all__ = [
     "CheckpointMismatchError",
@@ -97,13 +104,12 @@ def _weight_files(hf_dir: pathlib.Path) -> tuple[list[pathlib.Path], str]:
     ):
         index = hf_dir / index_name
         if index.is_file():
-            with index.open() as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted({hf_dir / name for name in weight_map.values()})
-            missing = [str(p) for p in files if not p.is_file()]
-            if missing:
-                raise FileNotFoundError(f"{index}: shard files listed but not present: {missing}")
-            return files, fmt
+            try:
+                return sorted(set(read_shard_index(index).values())), fmt
+            except MissingShardError:
+                raise  # a FileNotFoundError
+            except WeightFileError as e:
+                raise CheckpointMismatchError(str(e)) from None
     if (hf_dir / "model.safetensors").is_file():
         return [hf_dir / "model.safetensors"], "safetensors"
     if (hf_dir / "pytorch_model.bin").is_file():

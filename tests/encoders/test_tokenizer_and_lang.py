@@ -399,3 +399,16 @@ def test_encode_lang_reports_bad_inputs_in_one_line(tmp_path):
     (bad / "episode_bad.hdf5").write_bytes(b"not an HDF5 file")
     with pytest.raises(SystemExit, match=r"^error: .*episode_bad\.hdf5: cannot open HDF5 file"):
         mod.main(["--t5-dir", str(t5_dir), "--hdf5-dirs", str(data_dir), "--store-dir", str(tmp_path / "store")])
+
+
+def test_encode_lang_reports_a_damaged_t5_checkpoint_in_one_line(tok_dir, hf_factory, tmp_path):
+    """A T5 whose weights cannot be imported (here: a shard index without a weight_map) is an error line
+    naming the file, not a traceback."""
+    mod = _load_encode_lang()
+    _, t5_dir = hf_factory("t5_encoder", vocab_size=60, d_model=4096, d_ff=8, d_kv=4, num_heads=2, num_layers=1)
+    for f in t5_dir.glob("*.safetensors"):
+        f.unlink()
+    (t5_dir / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"^error: .*model\.safetensors\.index\.json: not a shard index"):
+        mod.main(["--t5-dir", str(t5_dir), "--tokenizer-dir", str(tok_dir), "--instruction", "open the drawer",
+                  "--name", "x", "--out-dir", str(tmp_path / "out"), "--formats", "safetensors"])
