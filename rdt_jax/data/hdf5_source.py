@@ -38,14 +38,10 @@ from rdt_jax.data import action_space
 from rdt_jax.data.bad_samples import BadSampleLog, first_readable
 from rdt_jax.data.jpeg import decode_jpeg
 from rdt_jax.data.robot_config import RobotConfig
-from rdt_jax.data.schema import IMG_HISTORY, RawSample
+from rdt_jax.data.schema import IMG_HISTORY, EpisodeError, RawSample
 
 log = logging.getLogger(__name__)
 _INDEX_VERSION = 1
-
-
-class EpisodeError(ValueError):
-    """A bad episode file; the message names the file and the HDF5 key."""
 
 
 @dataclasses.dataclass(frozen=True)

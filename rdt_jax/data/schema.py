@@ -25,6 +25,12 @@ ACTION_HORIZON = 64
 LANG_DIM = 4096
 
 
+class EpisodeError(ValueError):
+    """Stored episode data that cannot be used (an HDF5 file or key, an RLDS record that does not parse,
+    NaN/inf states, a frame that does not decode); the message names where. What
+    ``--data.skip-bad-episodes`` skips, for every source."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RawSample:
     """One step of one episode, source-independent, before the sample transform.

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from rdt_jax.data.schema import EpisodeError
+
 STEPS = "steps"
 
 
@@ -30,11 +32,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-class EpisodeError(ValueError):
-    """Stored episode data that cannot be used (a record that does not parse, NaN/inf states, a frame that
-    does not decode); the message names where. The errors ``--data.skip-bad-episodes`` skips."""
 
 
 class FrameError(EpisodeError):

@@ -27,9 +27,9 @@ import numpy as np
 from rdt_jax.data.action_space import SLOT_NAMES
 from rdt_jax.data.bad_samples import BadSampleLog, first_readable
 from rdt_jax.data.rlds import registry
-from rdt_jax.data.rlds.reader import EpisodeError, EpisodeStore, RawEpisode
+from rdt_jax.data.rlds.reader import EpisodeStore, RawEpisode
 from rdt_jax.data.rlds.spec import DatasetSpec, episode_states_and_masks
-from rdt_jax.data.schema import ACTION_HORIZON, IMG_HISTORY, NUM_CAMERAS, RawSample
+from rdt_jax.data.schema import ACTION_HORIZON, IMG_HISTORY, NUM_CAMERAS, EpisodeError, RawSample
 
 INDEX_FILE = "rdt_step_index.npz"
 INDEX_META = "rdt_step_index.json"

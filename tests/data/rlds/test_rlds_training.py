@@ -144,3 +144,40 @@ def test_debug_training_on_rlds(rlds_config, tmp_path, capsys):
     per_dataset = {k.removesuffix("_sample_mse") for k in val if k.endswith("_sample_mse")} - {"overall_avg"}
     assert per_dataset and per_dataset <= set(USED)
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_corrupt_rlds_record_stops_train_py_with_one_line(rlds_config, tiny_datasets, tmp_path, capsys):
+    """An episode record that does not parse, met while training: train.py's error line names the record (the
+    one EpisodeError type of every source), no traceback."""
+    import importlib.util
+    import pathlib
+    import shutil
+    import sys
+
+    from array_record.python import array_record_module
+
+    data, _, _ = rlds_config
+    name = USED[0]
+    bad = tmp_path / "corrupt" / name
+    shutil.copytree(tiny_datasets[name].dir, bad)
+    for shard in bad.glob("*.array_record*"):  # every record replaced by bytes that do not parse
+        reader = array_record_module.ArrayRecordReader(str(shard))
+        n = reader.num_records()
+        reader.close()
+        writer = array_record_module.ArrayRecordWriter(str(shard), "group_size:1")
+        for _ in range(n):
+            writer.write(b"\xff\xff\xff\xff not an episode")
+        writer.close()
+    repo = pathlib.Path(__file__).resolve().parents[3]
+    spec = importlib.util.spec_from_file_location("train_script", repo / "scripts" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["train_script"] = mod
+    spec.loader.exec_module(mod)
+    rc = mod.main(["debug", "--output-dir", str(tmp_path / "run"), "--num-steps", "1", "--log.no-progress-bar",
+                   "--data.kind", "rlds", "--data.rlds-dirs", str(bad), "--data.lang-embed-dir", data.lang_embed_dir,
+                   "--data.stats-file", data.stats_file, "--data.datasets-file", data.datasets_file,
+                   "--data.max-lang-len", "8", "--data.num-threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert f"[rdt-jax] ERROR: {bad}[train][" in err and "cannot parse the episode record" in err
+    assert "Traceback" not in err
