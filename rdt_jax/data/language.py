@@ -173,11 +173,7 @@ def extend_padding(embeds: np.ndarray, mask: np.ndarray, length: int) -> tuple[n
 def pad_embedding(e: np.ndarray, max_len: int, dtype: np.typing.DTypeLike = np.float32
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad (L, 4096) with zeros to (max_len, 4096); mask True on the first L rows."""
-    n = e.shape[0]
-    if n > max_len:
-        raise ValueError(f"language embedding has {n} tokens, more than max_lang_len={max_len}")
-    out = np.zeros((max_len, e.shape[1]), dtype)
-    out[:n] = e
-    mask = np.zeros(max_len, bool)
-    mask[:n] = True
-    return out, mask
+    if e.shape[0] > max_len:
+        raise ValueError(f"language embedding has {e.shape[0]} tokens, more than max_lang_len={max_len}")
+    out, mask = pad_embeddings([e], max_len, dtype)
+    return out[0], mask[0]

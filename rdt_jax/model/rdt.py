@@ -50,11 +50,6 @@ _REMAT_POLICIES = {
 }
 
 
-def remat_policy(name: str):
-    """The ``jax.checkpoint`` policy of ``RDTConfig.remat``."""
-    return _REMAT_POLICIES[name]
-
-
 class RDT(nnx.Module):
     def __init__(self, cfg: RDTConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -195,7 +190,7 @@ class RDT(nnx.Module):
             return h2, (jnp.stack([h1, h2]) if capture else None)
 
         if cfg.remat != "none":
-            pair = jax.checkpoint(pair, policy=remat_policy(cfg.remat))
+            pair = jax.checkpoint(pair, policy=_REMAT_POLICIES[cfg.remat])
         # The conditions are arguments, not closed over: a custom VJP differentiates its arguments only.
         pair = with_bit_residuals(pair)
         conds = (lc, ic, lang_mask, img_mask)
@@ -223,7 +218,7 @@ class RDT(nnx.Module):
             return nnx.merge(graphdef, block_state)(h, cond, mask, kv)
 
         if self.config.remat != "none":
-            run = jax.checkpoint(run, policy=remat_policy(self.config.remat), static_argnums=(0,))
+            run = jax.checkpoint(run, policy=_REMAT_POLICIES[self.config.remat], static_argnums=(0,))
         outs = []
         for i in range(self.config.depth):
             j, lang = i // 2, i % 2 == 0  # even blocks attend to language, odd ones to images

@@ -106,9 +106,13 @@ def load_exported_image_encoder(export_dir: str | os.PathLike, mesh: Mesh | None
     path = pathlib.Path(export_dir) / "image_encoder.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; the export of a training run records its image encoder there")
-    spec = json.loads(path.read_text())
-    seed = spec.pop("seed", 0)
-    encoder = make_image_encoder(ImageEncoderConfig(**spec), seed, mesh)
+    try:
+        spec = json.loads(path.read_text())
+        seed = spec.pop("seed", 0)
+        cfg = ImageEncoderConfig(**spec)
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, not an object, unknown or bad fields
+        raise ValueError(f"{path}: not an image encoder record ({e})") from None
+    encoder = make_image_encoder(cfg, seed, mesh)
     if encoder is None:
         raise ValueError(f"{path}: kind {spec.get('kind')!r} has no image encoder (precomputed features)")
     return encoder

@@ -2,6 +2,7 @@
 restoring onto another mesh."""
 
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -337,3 +338,12 @@ def test_image_encoder_options_of_another_kind_are_refused():
     with pytest.raises(ValueError, match=r"'siglip', which does not use --image-encoder\.image-size$"):
         ImageEncoderConfig(kind="siglip", path="/ckpts/siglip", image_size=224)
     ImageEncoderConfig(kind="random_tiny", hidden_size=64)  # fine
+
+
+@pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"kind": "random_tiny", "colour": "red"}'])
+def test_a_damaged_image_encoder_record_is_named(tmp_path, text):
+    from rdt_jax.training.train_step import load_exported_image_encoder
+
+    (tmp_path / "image_encoder.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'image_encoder.json'))}: not an image encoder"):
+        load_exported_image_encoder(tmp_path)
