@@ -322,6 +322,7 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
     # padding a batch has one of a few lengths), so that a step's time (progress bar, metrics) is a step's,
     # not compilation's.
     compiled: dict[tuple[int, ...], Any] = {}
+    compile_times: list[float] = []
 
     def compiled_step(gb: dict[str, jax.Array]):
         shape = tuple(gb["lang_embeds"].shape)
@@ -333,7 +334,6 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
                 report(f"[rdt-jax] train step compiled for {shape[1]} language tokens in {compile_times[-1]:.1f} s")
         return compiled[shape]
 
-    compile_times: list[float] = []
     first_global = _to_global(host_batch, mesh)
     compiled_step(first_global)
     compile_s = compile_times[0]
@@ -396,8 +396,8 @@ def train(cfg: TrainConfig, *, batch_hook: Callable[[int, dict], dict] | None = 
             pending = None
             if batch_hook is not None:
                 host = batch_hook(step, host)
-            gb = first_global if host is host_batch and first_global is not None else _to_global(host, mesh)
-            first_global = None
+            gb = first_global if host is host_batch else _to_global(host, mesh)
+            first_global = host_batch = None  # only the first step uses them
             run_step = compiled_step(gb)
             t0 = time.perf_counter()
             state, m = run_step(state, enc_params, gb)
