@@ -29,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench_turns import Turns  # scripts/ is sys.path[0] when run as a script
 
 CASES = ["rdt-170m:2:float32:none", "rdt-170m:2:bfloat16:none", "rdt-1b:1:bfloat16:full",
-         "rdt-1b:1:bfloat16:save_cond_kv", "rdt-1b:1:float32:full"]
+         "rdt-1b:1:bfloat16:save_cond_kv_and_tokens", "rdt-1b:1:float32:full"]
 # The official code on the development machine of 2026-12-04 (AMD EPYC Zen 4, 2 cores; BENCHMARKS.md, first
 # section): its best step, median s (bf16 autocast, with the huge-page tunable). Another machine needs
 # its own measurement: --official with bench_official.py's results.

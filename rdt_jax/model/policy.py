@@ -88,9 +88,11 @@ class RDTPolicy(nnx.Module):
         ctrl_freqs: jax.Array,
         noise: jax.Array,
         timesteps: jax.Array,
+        *,
+        grad_sq: jax.Array | None = None,
     ) -> jax.Array:
         """Unmasked MSE between the prediction and its target, the clean action chunk (or the noise, for
-        ``prediction_type="epsilon"``; DIFFUSION.md §3), in float32."""
+        ``prediction_type="epsilon"``; DIFFUSION.md §3), in float32. ``grad_sq``: see ``RDT.__call__``."""
         cfg = self.config
         self._check_common(lang_attn_mask, state_tokens, action_mask, ctrl_freqs, lang_tokens)
         b = lang_tokens.shape[0]
@@ -101,7 +103,7 @@ class RDTPolicy(nnx.Module):
         traj = jnp.concatenate([state_tokens.astype(noisy.dtype), noisy], axis=1)
         lang_c, img_c = self.adapt_conditions(lang_tokens, img_tokens)
         x = self.adapt_state_action(traj, action_mask)
-        pred = self.model(x, ctrl_freqs, timesteps, lang_c, img_c, lang_attn_mask)
+        pred = self.model(x, ctrl_freqs, timesteps, lang_c, img_c, lang_attn_mask, grad_sq=grad_sq)
         target = noise if cfg.noise_scheduler.prediction_type == "epsilon" else action_gt
         return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
 

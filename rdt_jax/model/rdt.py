@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rdt_jax.model.bit_residuals import with_bit_residuals
+from rdt_jax.model.block_scan import scan_layers
 from rdt_jax.model.blocks import COND_KV_NAME, FinalLayer, RDTBlock, layer_slice, per_layer, stacked
 from rdt_jax.model.config import RDTConfig
 from rdt_jax.model.layers import LINEAR_OUT_NAME, TimestepEmbedder
@@ -45,7 +45,7 @@ _REMAT_POLICIES = {
     # Also each block's linear outputs, all over the action-sequence tokens (the conditions' K/V come
     # from dense_split, not a Linear): the recomputation "save_cond_kv" leaves (rdt-1b: 1.2 s of a 15 s
     # step on a 2-core CPU) is mostly these small products and what they feed. Saved rounded to the
-    # compute dtype: rdt-1b at batch 1, ~55 MB in bf16.
+    # compute dtype: rdt-1b at batch 1, ~55 MB in bf16. The fastest policy for rdt-1b on a CPU.
     "save_cond_kv_and_tokens": jax.checkpoint_policies.save_only_these_names(COND_KV_NAME, LINEAR_OUT_NAME),
 }
 
@@ -128,11 +128,16 @@ class RDT(nnx.Module):
         *,
         cond_kv: CondKV | None = None,
         capture: bool = False,
+        grad_sq: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """``x`` (B, horizon+1, D) -> (B, horizon, action_dim); ``capture`` also returns intermediates.
 
         ``lang_mask`` (B, L) and ``img_mask`` (B, I): True = the block may attend to that condition token (the
-        official ``RDT.forward``'s masks; the official runner never passes ``img_mask``)."""
+        official ``RDT.forward``'s masks; the official runner never passes ``img_mask``).
+
+        ``grad_sq``: a float32 scalar whose cotangent is the sum of squares of the scanned blocks'
+        parameter gradients (:func:`~rdt_jax.model.block_scan.scan_layers`); the rest of the gradient
+        is :func:`grad_outside_scan`."""
         cfg = self.config
         dtype = cfg.jnp_dtype
         if x.ndim != 3 or x.shape[1:] != (cfg.pred_horizon + 1, cfg.hidden_size):
@@ -163,7 +168,7 @@ class RDT(nnx.Module):
             if img_mask.shape != expected:
                 raise ValueError(f"img_mask must have shape {expected}, got {img_mask.shape}")
 
-        h, block_outs = self._run_blocks(h, lc, ic, lang_mask, img_mask, cond_kv, capture)
+        h, block_outs = self._run_blocks(h, lc, ic, lang_mask, img_mask, cond_kv, capture, grad_sq)
         final = self.final_layer(h)
         out = final[:, -cfg.pred_horizon :]
         if not capture:
@@ -173,7 +178,7 @@ class RDT(nnx.Module):
             "block_out": block_outs, "final_out": final,
         }
 
-    def _run_blocks(self, h, lc, ic, lang_mask, img_mask, cond_kv: CondKV | None, capture: bool):
+    def _run_blocks(self, h, lc, ic, lang_mask, img_mask, cond_kv: CondKV | None, capture: bool, grad_sq=None):
         if self.per_layer:
             return self._run_blocks_per_layer(h, lc, ic, lang_mask, img_mask, cond_kv, capture)
         cfg = self.config
@@ -189,11 +194,9 @@ class RDT(nnx.Module):
             h2 = nnx.merge(img_gd, img_state)(h1, ic, img_mask, img_kv)
             return h2, (jnp.stack([h1, h2]) if capture else None)
 
-        if cfg.remat != "none":
-            pair = jax.checkpoint(pair, policy=_REMAT_POLICIES[cfg.remat])
-        # The conditions are arguments, not closed over: a custom VJP differentiates its arguments only.
-        pair = with_bit_residuals(pair)
+        # The conditions are loop-invariant arguments: their residuals are not stacked per layer.
         conds = (lc, ic, lang_mask, img_mask)
+        policy = _REMAT_POLICIES[cfg.remat] if cfg.remat != "none" else None
 
         outs = []
         if n_pairs:
@@ -201,7 +204,7 @@ class RDT(nnx.Module):
             kvs = None
             if cond_kv is not None:
                 kvs = (cond_kv.lang_k[:n_pairs], cond_kv.lang_v[:n_pairs], cond_kv.img_k, cond_kv.img_v)
-            h, pair_outs = jax.lax.scan(lambda h, xs: pair(h, xs, conds), h, (lang_state, img_state, kvs))
+            h, pair_outs = scan_layers(pair, h, (lang_state, img_state, kvs), conds, policy=policy, grad_sq=grad_sq)
             if capture:
                 outs.append(pair_outs.reshape(2 * n_pairs, *pair_outs.shape[2:]))
         if cfg.depth % 2:
@@ -229,3 +232,19 @@ class RDT(nnx.Module):
             h = run(graphdef, state, h, lc if lang else ic, lang_mask if lang else img_mask, kv)
             outs.append(h)
         return h, (jnp.stack(outs) if capture else None)
+
+
+def grad_outside_scan(cfg: RDTConfig, grads: dict) -> list[jax.Array]:
+    """The parts of the denoiser's gradient (``grads``: its parameter dict) that ``__call__``'s
+    ``grad_sq`` does not cover: everything but the scanned block pairs (all of it per layer, or
+    with no pair to scan), and an odd depth's trailing language block."""
+    n_pairs = cfg.num_img_blocks
+    if cfg.layer_layout == "per_layer" or not n_pairs:
+        return jax.tree.leaves(grads)
+    parts = []
+    for name, sub in grads.items():
+        if name in ("lang_blocks", "img_blocks"):
+            parts += [g[n_pairs:] for g in jax.tree.leaves(sub) if g.shape[0] > n_pairs]
+        else:
+            parts += jax.tree.leaves(sub)
+    return parts

@@ -40,22 +40,24 @@ def make_schedule(cfg: OptimConfig, num_steps: int) -> optax.Schedule:
     raise ValueError(f"unknown lr schedule {cfg.schedule!r}")
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
     """Global-norm clipping as PyTorch's ``clip_grad_norm_`` (the official accelerate path):
     g * min(1, max_norm / (||g|| + 1e-6)), one scalar factor per step.
 
     optax's ``clip_by_global_norm`` has no 1e-6 (a ~1e-6 / ||g|| relative difference), and its form
     (``where(||g|| < max, g, g / ||g|| * max)`` per leaf) made XLA:CPU materialise a clipped copy of
-    every gradient (+3 GB for rdt-1b); a scalar multiply fuses into the Adam update.
+    every gradient (+3 GB for rdt-1b); a scalar multiply fuses into the Adam update. ``global_norm``
+    (an extra argument of ``update``) is ||g|| when the caller already has it: the train step sums
+    the blocks' squares during the backward pass (``model.block_scan``).
     """
 
-    def update(updates, state, params=None):
-        del params
-        norm = optax.tree.norm(updates)
+    def update(updates, state, params=None, *, global_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.tree.norm(updates) if global_norm is None else global_norm
         factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
         return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def _mix32(h: jax.Array) -> jax.Array:

@@ -29,6 +29,7 @@ from rdt_jax.model.config import PRESETS as MODEL_PRESETS
 from rdt_jax.model.config import EmaConfig, RDTConfig
 from rdt_jax.model.layer_layout import is_per_layer, to_layer_layout
 from rdt_jax.model.policy import RDTPolicy
+from rdt_jax.model.rdt import grad_outside_scan
 from rdt_jax.runner import abstract_policy, resolve_layer_layout
 from rdt_jax.training import ema as ema_lib
 from rdt_jax.training.config import ConfigError, ImageEncoderConfig, ModelConfig
@@ -232,11 +233,12 @@ def make_train_step(
         have = "per layer" if is_per_layer(abstract_state["params"]) else "stacked"
         raise ValueError(f"the train state holds its blocks {have} but the step runs them "
                          f"{'per layer' if per_layer else 'stacked'}: convert it with state_in_layout")
-    graphdef = model_graphdef(rcfg.replace(layer_layout="per_layer" if per_layer else "stacked"))
+    step_cfg = rcfg.replace(layer_layout="per_layer" if per_layer else "stacked")
+    graphdef = model_graphdef(step_cfg)
     num_t = rcfg.noise_scheduler.num_train_timesteps
     k = grad_accum
 
-    def micro_loss(params, mb, noise, t, enc_params):
+    def micro_loss(params, mb, noise, t, enc_params, grad_sq=None):
         if encoder is not None:
             img = encoder.encode(enc_params, mb["images"])
         else:
@@ -245,9 +247,15 @@ def make_train_step(
         policy = nnx.merge(graphdef, params)
         return policy.compute_loss(
             mb["lang_embeds"], mb["lang_attn_mask"], img, mb["states"][:, -1:], mb["actions"],
-            mb["state_elem_mask"][:, None, :], mb["ctrl_freqs"], noise, t)
+            mb["state_elem_mask"][:, None, :], mb["ctrl_freqs"], noise, t, grad_sq=grad_sq)
 
     grad_fn = jax.value_and_grad(micro_loss)
+    # The second gradient is the blocks' sum of squares, taken during the backward pass: the norm
+    # computed from the finished gradient would have XLA:CPU write all of it out in float32 first.
+    grad_and_sq_fn = jax.value_and_grad(micro_loss, argnums=(0, 5))
+
+    def sum_sq(arrays) -> jax.Array:
+        return sum((jnp.sum(jnp.square(g.astype(jnp.float32))) for g in arrays), jnp.zeros((), jnp.float32))
 
     def step(state, enc_params, batch):
         params = state["params"]
@@ -257,7 +265,9 @@ def make_train_step(
         noise = jax.random.normal(k_noise, (b, horizon, adim), jnp.float32)
         t = jax.random.randint(k_t, (b,), 0, num_t)
         if k == 1:
-            loss, grads = grad_fn(params, batch, noise, t, enc_params)
+            loss, (grads, scanned_sq) = grad_and_sq_fn(params, batch, noise, t, enc_params, jnp.zeros((), jnp.float32))
+            outside = [g for name, sub in grads.items() if name != "model" for g in jax.tree.leaves(sub)]
+            grad_norm = jnp.sqrt(scanned_sq + sum_sq(outside + grad_outside_scan(step_cfg, grads["model"])))
         else:
             micro = jax.tree.map(lambda x: _to_micro(x, k), (batch, noise, t))
 
@@ -272,8 +282,9 @@ def make_train_step(
             # Equal-size micro-batches: the mean of their means is the mean over the whole batch.
             loss = loss / k
             grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, params)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
+            grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optax.with_extra_args_support(tx).update(grads, state["opt_state"], params,
+                                                                      global_norm=grad_norm)
         new_params = optax.apply_updates(params, updates)
         new_ema = (ema_lib.ema_update_accumulated(ema_cfg, state["ema"], params, new_params, state["step"], k)
                    if ema_enabled else {})

@@ -134,3 +134,31 @@ def test_epsilon_prediction_samples_through_the_data_prediction():
         cfg = runner.config
         RDTPolicy(cfg.replace(noise_scheduler=dataclasses.replace(cfg.noise_scheduler, prediction_type="v_prediction")),
                   rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("layer_layout", ["stacked", "per_layer"])
+@pytest.mark.parametrize("depth", [1, 4, 5])
+def test_grad_sq_and_the_gradient_outside_the_scan_make_the_global_norm(depth, layer_layout):
+    """The train step's clipping norm: the scanned pairs' squares from the backward pass (``grad_sq``)
+    plus :func:`grad_outside_scan` (adaptor-free here: the denoiser alone), odd depths' trailing block
+    and the per-layer layout (nothing scanned) included."""
+    from rdt_jax.model.rdt import grad_outside_scan
+
+    cfg = _cfg(depth=depth, layer_layout=layer_layout, dtype="bfloat16", remat="save_cond_kv")
+    model = init_policy(cfg).model
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = jax.tree.map(lambda p: p + 0.05, params.to_pure_dict())  # the zero-initialised final layer
+    k = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(k[0], (2, cfg.pred_horizon + 1, cfg.hidden_size))
+    lang, img = jax.random.normal(k[1], (2, 4, 32)), jax.random.normal(k[2], (2, 6, 32))
+
+    def loss(params, sq):
+        out = nnx.merge(graphdef, params)(x, jnp.array([1.0, 2.0]), jnp.array([5, 6]), lang, img, grad_sq=sq)
+        return jnp.sum(jnp.square(out.astype(jnp.float32)))
+
+    grads, sq = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, jnp.zeros(()))
+    outside = sum(float(np.sum(np.square(np.asarray(g, np.float64)))) for g in grad_outside_scan(cfg, grads))
+    total = sum(float(np.sum(np.square(np.asarray(g, np.float64)))) for g in jax.tree.leaves(grads))
+    np.testing.assert_allclose(float(sq) + outside, total, rtol=1e-5)
+    scanned = layer_layout == "stacked" and depth > 1
+    assert (float(sq) > 0.1 * total) == scanned and (float(sq) == 0) == (not scanned)

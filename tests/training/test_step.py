@@ -91,6 +91,19 @@ def test_grad_accumulation_equals_big_batch(setup, layer_layout):
     assert any(not np.allclose(x1, x2) for x1, x2 in zip(p1, p2, strict=True))  # the check can fail
 
 
+def test_clipping_norm_from_the_backward_pass_is_the_gradients_norm(setup):
+    """With one micro-batch the stacked step sums the blocks' squares during the backward pass; per layer,
+    and over micro-batches, it takes the norm of the finished gradient: the same norm (the clip's use of a
+    given norm: test_units)."""
+    norms = {}
+    for layout, k in (("stacked", 1), ("per_layer", 1), ("stacked", 2)):
+        _, state, step, _ = tiny.build(*setup, (1, 1), grad_accum=k, layer_layout=layout)
+        norms[layout, k] = float(step(state, None, tiny.batch(0))[1]["grad_norm"])
+    np.testing.assert_allclose(norms["stacked", 1], norms["per_layer", 1], rtol=1e-5)
+    np.testing.assert_allclose(norms["stacked", 1], norms["stacked", 2], rtol=1e-5)
+    assert norms["stacked", 1] > 0.01
+
+
 def test_overfits_a_fixed_batch(setup):
     """The diffusion loss on 8 fixed samples falls to a small fraction of its start."""
     _, state, step, _ = tiny.build(*setup, (1, 1))

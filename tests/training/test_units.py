@@ -82,6 +82,23 @@ def test_clipping_really_clips():
     assert not np.allclose(s0[0].mu["a"], s[1][0].mu["a"])
 
 
+def test_clipping_takes_a_norm_the_caller_already_has():
+    """The train step passes the norm it summed during the backward pass; the clip then uses it."""
+    from rdt_jax.training.optimizer import clip_by_global_norm
+
+    grads = {"a": jnp.full(4, 3.0), "b": jnp.full((2, 2), 4.0)}  # norm 10
+    clip = clip_by_global_norm(1.0)
+    own, _ = clip.update(grads, clip.init(grads))
+    given, _ = clip.update(grads, clip.init(grads), global_norm=jnp.float32(20.0))
+    np.testing.assert_allclose(own["a"], 3.0 / (10 + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(given["a"], 3.0 / (20 + 1e-6), rtol=1e-6)
+    tx, _ = make_optimizer(OptimConfig(max_grad_norm=1.0), 10)  # the chain hands it on
+    params = {"a": jnp.ones(4), "b": jnp.ones((2, 2))}
+    _, s_own = tx.update(grads, tx.init(params), params)
+    _, s_given = tx.update(grads, tx.init(params), params, global_norm=jnp.float32(20.0))
+    np.testing.assert_allclose(s_given[1][0].mu["a"], s_own[1][0].mu["a"] / 2, rtol=1e-5)
+
+
 @pytest.mark.parametrize("scale", [0.01, 1.0, 7.0])  # below, at about, above the threshold
 def test_scalar_factor_clipping_equals_torch(scale):
     torch = pytest.importorskip("torch")  # the [torch] extra, which CI installs
