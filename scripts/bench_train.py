@@ -30,9 +30,9 @@ from bench_turns import Turns  # scripts/ is sys.path[0] when run as a script
 
 CASES = ["rdt-170m:2:float32:none", "rdt-170m:2:bfloat16:none", "rdt-1b:1:bfloat16:full",
          "rdt-1b:1:bfloat16:save_cond_kv_and_tokens", "rdt-1b:1:float32:full"]
-# The official code on the development machine of 2026-12-04 (AMD EPYC Zen 4, 2 cores; BENCHMARKS.md, the 12-04
-# section): its best step, median s (bf16 autocast, with the huge-page tunable). Another machine needs
-# its own measurement: --official with bench_official.py's results.
+# The official code on the development machine of 2026-12-04 (AMD EPYC Zen 4, 2 cores; BENCHMARKS.md, the
+# 2026-12-04 sections): its best step, median s (bf16 autocast, with the huge-page tunable). Another machine
+# needs its own measurement: --official with bench_official.py's results.
 OFFICIAL_HERE = {("rdt-170m", 2): 6.166, ("rdt-1b", 1): 19.16}  # (model, batch): s
 # Memory floor: fp32 params and grads (8 bytes per parameter) plus the two AdamW moments (4 bytes each in
 # float32, the 16 B/param floor; 2 in bfloat16).
