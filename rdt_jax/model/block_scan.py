@@ -60,15 +60,20 @@ def compute_dtype_casts(fn: Callable, carry: Any, x: Any, consts: Any) -> list[A
     return casts
 
 
+def sum_of_squares(tree: Any) -> jax.Array:
+    """The sum of squares of a tree's floating-point leaves, in float32."""
+    floats = [a for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating)]
+    return sum((jnp.sum(jnp.square(a.astype(jnp.float32))) for a in floats), jnp.zeros((), jnp.float32))
+
+
 @dataclasses.dataclass
 class _Layout:
     """Where each leaf of a layer's VJP closure comes from (found while the forward is traced): the
     layer's (cast) weights ``("x", i)``, the loop-invariant arguments ``("c", i)``, or the stacked
-    residuals ``("s", i)``, with their dtypes (static)."""
+    residuals ``("s", i, dtype)`` (static)."""
 
     treedef: Any = None
     slots: list = dataclasses.field(default_factory=list)
-    dtypes: list = dataclasses.field(default_factory=list)
 
 
 def scan_layers(fn: Callable, carry: Any, xs: Any, consts: Any, *, policy: Callable | None = None,
@@ -89,6 +94,8 @@ def scan_layers(fn: Callable, carry: Any, xs: Any, consts: Any, *, policy: Calla
     saves. Valid for one backward pass per value of ``grad_sq`` (accumulating over micro-batches
     would add the squares of the parts, not square their sum).
     """
+    if grad_sq is not None and (jnp.shape(grad_sq) != () or jnp.result_type(grad_sq) != jnp.float32):
+        raise ValueError(f"grad_sq must be a float32 scalar, got {jnp.result_type(grad_sq)}{list(jnp.shape(grad_sq))}")
     x0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
     casts = compute_dtype_casts(fn, carry, x0, consts)
     x_def = jax.tree.structure(xs)
@@ -119,22 +126,17 @@ def scan_layers(fn: Callable, carry: Any, xs: Any, consts: Any, *, policy: Calla
             # Identified by identity: a weight or constant the backward needs is the very array passed in.
             known = {id(a): ("x", i) for i, a in enumerate(jax.tree.leaves(xc))}
             known.update({id(a): ("c", i) for i, a in enumerate(jax.tree.leaves(consts))})
-            layout.slots, layout.dtypes, saved = [], [], []
+            layout.slots, saved = [], []
             for a in leaves:
                 if id(a) in known:
                     layout.slots.append(known[id(a)])
                 else:
-                    layout.slots.append(("s", len(saved)))
+                    layout.slots.append(("s", len(saved), a.dtype))
                     saved.append(as_bits(a))
-                layout.dtypes.append(a.dtype)
             return (c, consts), (y, saved)
 
         (carry, _), (ys, saved) = jax.lax.scan(body, (carry, consts), xs)
         return (carry, ys), (saved, xs, consts)
-
-    def sum_sq(tree) -> jax.Array:
-        floats = [a for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating)]
-        return sum((jnp.sum(jnp.square(a.astype(jnp.float32))) for a in floats), jnp.zeros((), jnp.float32))
 
     def bwd(res, ct):
         saved, xs, consts = res
@@ -148,18 +150,18 @@ def scan_layers(fn: Callable, carry: Any, xs: Any, consts: Any, *, policy: Calla
             x, s, ct_y = inp
             xc_leaves = jax.tree.leaves(cast(x))
             leaves = []
-            for (kind, i), dtype in zip(layout.slots, layout.dtypes, strict=True):
+            for kind, i, *dtype in layout.slots:
                 if kind == "x":
                     leaves.append(xc_leaves[i])
                 elif kind == "c":
                     leaves.append(c_leaves[i])
                 else:
-                    leaves.append(from_bits(s[i], dtype))
+                    leaves.append(from_bits(s[i], dtype[0]))
             vjp_fn = jax.tree.unflatten(layout.treedef, leaves)
             d_c, d_x, d_consts = vjp_fn((ct_c, ct_y))
             acc = [None if a is None else a + d for a, d in zip(acc, jax.tree.leaves(d_consts), strict=True)]
             if want_sq:
-                sq = sq + sum_sq(d_x)
+                sq = sq + sum_of_squares(d_x)
             return (d_c, acc, sq), jax.tree.map(as_bits, d_x)
 
         init = (ct_carry, acc0, jnp.zeros((), jnp.float32))

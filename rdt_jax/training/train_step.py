@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from rdt_jax.model.block_scan import sum_of_squares
 from rdt_jax.model.config import PRESETS as MODEL_PRESETS
 from rdt_jax.model.config import EmaConfig, RDTConfig
 from rdt_jax.model.layer_layout import is_per_layer, to_layer_layout
@@ -254,9 +255,6 @@ def make_train_step(
     # computed from the finished gradient would have XLA:CPU write all of it out in float32 first.
     grad_and_sq_fn = jax.value_and_grad(micro_loss, argnums=(0, 5))
 
-    def sum_sq(arrays) -> jax.Array:
-        return sum((jnp.sum(jnp.square(g.astype(jnp.float32))) for g in arrays), jnp.zeros((), jnp.float32))
-
     def step(state, enc_params, batch):
         params = state["params"]
         b, horizon, adim = batch["actions"].shape
@@ -267,7 +265,7 @@ def make_train_step(
         if k == 1:
             loss, (grads, scanned_sq) = grad_and_sq_fn(params, batch, noise, t, enc_params, jnp.zeros((), jnp.float32))
             outside = [g for name, sub in grads.items() if name != "model" for g in jax.tree.leaves(sub)]
-            grad_norm = jnp.sqrt(scanned_sq + sum_sq(outside + grad_outside_scan(step_cfg, grads["model"])))
+            grad_norm = jnp.sqrt(scanned_sq + sum_of_squares(outside + grad_outside_scan(step_cfg, grads["model"])))
         else:
             micro = jax.tree.map(lambda x: _to_micro(x, k), (batch, noise, t))
 

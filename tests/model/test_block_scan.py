@@ -126,3 +126,10 @@ def test_grad_sq_is_the_gradients_sum_of_squares():
     out = lambda sq: scan_layers(_layer, h, ws, cond, grad_sq=sq)[0]
     same = [np.asarray(out(jnp.float32(v)), np.float32) for v in (0, 5)]
     np.testing.assert_array_equal(*same)
+
+
+def test_grad_sq_must_be_a_float32_scalar():
+    ws, h, cond = _inputs()
+    for bad in (jnp.zeros((2,)), jnp.zeros((), jnp.bfloat16)):
+        with pytest.raises(ValueError, match="grad_sq must be a float32 scalar"):
+            scan_layers(_layer, h, ws, cond, grad_sq=bad)
