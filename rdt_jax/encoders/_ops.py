@@ -150,12 +150,16 @@ def attention_16bit(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> j
     dt = q.dtype
     if jnp.dtype(dt).itemsize != 2:
         raise ValueError(f"attention_16bit takes 16-bit inputs, got {dt}")
-    qh, kh, vh = (jnp.swapaxes(t, 1, 2).reshape(b * h, s, hd) for t in (q, k, v))
+    # Sliced below as bit patterns: XLA:CPU has no 16-bit float dynamic-slice and would widen all of
+    # q, k and v to float32 in front of the loop.
+    qh, kh, vh = (jax.lax.bitcast_convert_type(jnp.swapaxes(t, 1, 2).reshape(b * h, s, hd), jnp.uint16)
+                  for t in (q, k, v))
     g = head_group_size(b * h, s * s * 4)  # float32 scores per (batch, head) pair
     dims = lambda c: (((2,), (c,)), ((0,), (0,)))
 
     def group(i: jax.Array) -> jax.Array:
-        qg, kg, vg = (jax.lax.dynamic_slice_in_dim(t, i * g, g, 0) for t in (qh, kh, vh))
+        qg, kg, vg = (jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(t, i * g, g, 0), dt)
+                      for t in (qh, kh, vh))
         logits = jax.lax.dot_general(qg, kg, dims(2), preferred_element_type=jnp.float32) * scale
         probs = softmax_f32(logits, dt)
         out = jax.lax.dot_general(probs, vg, dims(1), preferred_element_type=jnp.float32).astype(dt)
