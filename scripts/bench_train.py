@@ -34,6 +34,7 @@ CASES = ["rdt-170m:2:float32:none", "rdt-170m:2:bfloat16:none", "rdt-1b:1:bfloat
 # 2026-12-04 sections): its best step, median s (bf16 autocast, with the huge-page tunable). Another machine
 # needs its own measurement: --official with bench_official.py's results.
 OFFICIAL_HERE = {("rdt-170m", 2): 6.166, ("rdt-1b", 1): 19.16}  # (model, batch): s
+OFFICIAL_HERE_MACHINE = "the AMD EPYC Zen 4 of 2026-12-04"
 # Memory floor: fp32 params and grads (8 bytes per parameter) plus the two AdamW moments (4 bytes each in
 # float32, the issue's 16 B/param floor; 2 in bfloat16).
 PARAM_AND_GRAD_BYTES = 8
@@ -165,14 +166,18 @@ def main() -> int:
             with open(a.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
         print(json.dumps(r), file=sys.stderr, flush=True)
-    print("| case (model:batch:compute:remat) | step s (median) | official here s | speed-up | peak RSS GB | "
-          "RSS / floor (params, grads, moments) | GFLOP/step | util. vs matmul peak | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    official = OFFICIAL_HERE
+    official, official_label = OFFICIAL_HERE, f"official on {OFFICIAL_HERE_MACHINE} s"
     if a.official:
         from official_baseline import best_official  # scripts/ is sys.path[0] when run as a script
 
         official = {key: t for key, (t, _, _) in best_official(a.official, "train").items()}
+        official_label = "official here s"
+    else:
+        print(f"(speed-up against the official code measured on {OFFICIAL_HERE_MACHINE}, not necessarily this "
+              "machine: pass --official with bench_official.py's results from here)")
+    print(f"| case (model:batch:compute:remat) | step s (median) | {official_label} | speed-up | peak RSS GB | "
+          "RSS / floor (params, grads, moments) | GFLOP/step | util. vs matmul peak | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "failed" in r:
             print(f"| {r['case']} | failed: {r['failed']} | | | | | | | |")
