@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 # The encoders' dense layers are the model's (float32 accumulation, one rounding).
-from rdt_jax.model.attention import head_group_size
+from rdt_jax.model.attention import as_bits, from_bits, head_group_size
 from rdt_jax.model.layers import dense as dense
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
@@ -152,23 +152,20 @@ def attention_16bit(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> j
         raise ValueError(f"attention_16bit takes 16-bit inputs, got {dt}")
     # Sliced below as bit patterns: XLA:CPU has no 16-bit float dynamic-slice and would widen all of
     # q, k and v to float32 in front of the loop.
-    qh, kh, vh = (jax.lax.bitcast_convert_type(jnp.swapaxes(t, 1, 2).reshape(b * h, s, hd), jnp.uint16)
-                  for t in (q, k, v))
+    qh, kh, vh = (as_bits(jnp.swapaxes(t, 1, 2).reshape(b * h, s, hd)) for t in (q, k, v))
     g = head_group_size(b * h, s * s * 4)  # float32 scores per (batch, head) pair
     dims = lambda c: (((2,), (c,)), ((0,), (0,)))
 
     def group(i: jax.Array) -> jax.Array:
-        qg, kg, vg = (jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(t, i * g, g, 0), dt)
-                      for t in (qh, kh, vh))
+        qg, kg, vg = (from_bits(jax.lax.dynamic_slice_in_dim(t, i * g, g, 0), dt) for t in (qh, kh, vh))
         logits = jax.lax.dot_general(qg, kg, dims(2), preferred_element_type=jnp.float32) * scale
         probs = softmax_f32(logits, dt)
         out = jax.lax.dot_general(probs, vg, dims(1), preferred_element_type=jnp.float32).astype(dt)
         # Stacked as bits: XLA:CPU widens a 16-bit float dynamic-update-slice (lax.map's stacking)
         # to float32, converting the whole output buffer on every group.
-        return jax.lax.bitcast_convert_type(out, jnp.uint16)
+        return as_bits(out)
 
-    out = jax.lax.map(group, jnp.arange(b * h // g))  # (b*h/g, g, S, hd)
-    out = jax.lax.bitcast_convert_type(out, dt)
+    out = from_bits(jax.lax.map(group, jnp.arange(b * h // g)), dt)  # (b*h/g, g, S, hd)
     return jnp.swapaxes(out.reshape(b, h, s, hd), 1, 2)
 
 
