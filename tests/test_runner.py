@@ -274,9 +274,10 @@ def test_save_cond_kv_remat_does_not_recompute_the_condition_products(dtype):
     # "save_cond_kv_and_tokens" also keeps each block's six linear products over the action tokens
     # (qkv and output projection of self-attention, query and output projection of cross-attention,
     # the two MLP layers): 11 more products per pair not recomputed, as the pair's last one (the image
-    # block's second MLP layer) is not needed by the backward and "full" skips it already. (At batch
-    # 2 the per-head attention products are batched, so not among them.)
-    assert full - dots("save_cond_kv_and_tokens") == 4 + 11
+    # block's second MLP layer) is not needed by the backward and "full" skips it already; and the
+    # cross-attention kernel's output and log-sum-exp, so neither cross-attention's head loop (its two
+    # products, scores and weighted values) runs again: 2 x 2 more.
+    assert full - dots("save_cond_kv_and_tokens") == 4 + 11 + 4
 
 
 def test_random_init_follows_official_recipe():

@@ -11,8 +11,8 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from rdt_jax.model.config import adaptor_depth
 from rdt_jax.model.attention import as_bits, from_bits
+from rdt_jax.model.config import adaptor_depth
 
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()

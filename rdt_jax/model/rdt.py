@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rdt_jax.model.attention import ATTENTION_OUT_NAME
 from rdt_jax.model.block_scan import scan_layers
 from rdt_jax.model.blocks import COND_KV_NAME, FinalLayer, RDTBlock, layer_slice, per_layer, stacked
 from rdt_jax.model.config import RDTConfig
@@ -45,8 +46,12 @@ _REMAT_POLICIES = {
     # Also each block's linear outputs, all over the action-sequence tokens (the conditions' K/V come
     # from dense_split, not a Linear): the recomputation "save_cond_kv" leaves (rdt-1b: 1.2 s of a 15 s
     # step on a 2-core CPU) is mostly these small products and what they feed. Saved rounded to the
-    # compute dtype: rdt-1b at batch 1, ~55 MB in bf16. The fastest policy for rdt-1b on a CPU.
-    "save_cond_kv_and_tokens": jax.checkpoint_policies.save_only_these_names(COND_KV_NAME, LINEAR_OUT_NAME),
+    # compute dtype: rdt-1b at batch 1, ~55 MB in bf16. And the attention kernel's output and
+    # log-sum-exp (float32, ~15 MB for rdt-1b): otherwise the backward runs every cross-attention's
+    # head loop over the 4374 image keys again (rdt-1b: ~0.4 s a step on a 2-core CPU). The fastest
+    # policy for rdt-1b on a CPU.
+    "save_cond_kv_and_tokens": jax.checkpoint_policies.save_only_these_names(
+        COND_KV_NAME, LINEAR_OUT_NAME, ATTENTION_OUT_NAME),
 }
 
 
