@@ -57,13 +57,14 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / min(ts)
 
 
-def run_case(case: str, steps: int, mu_dtype: str, nu_dtype: str = "float32", layer_layout: str = "stacked",
+def run_case(case: str, steps: int, mu_dtype: str, nu_dtype: str = "float32", layer_layout: str = "auto",
              turns: Turns | None = None, lang_len: int = LANG_TOKENS, lang_padded: int | None = None) -> dict:
     import jax
     import numpy as np
 
     from rdt_jax.model.config import PRESETS
     from rdt_jax.model.flops import train_step_flops
+    from rdt_jax.runner import resolve_layer_layout
     from rdt_jax.training.config import MeshConfig, OptimConfig
     from rdt_jax.training.mesh import make_mesh
     from rdt_jax.training.optimizer import make_optimizer
@@ -75,6 +76,7 @@ def run_case(case: str, steps: int, mu_dtype: str, nu_dtype: str = "float32", la
         state_shardings,
     )
 
+    layer_layout = resolve_layer_layout(layer_layout)  # recorded as run
     name, b, dtype, remat = case.split(":")
     b = int(b)
     rcfg = PRESETS[name](param_dtype="float32", dtype=dtype, remat=remat)
@@ -132,8 +134,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--mu-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--nu-dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--layer-layout", default="stacked", choices=["auto", "stacked", "per_layer"],
-                    help="how the step runs the blocks (auto: per_layer on CPU)")
+    ap.add_argument("--layer-layout", default="auto", choices=["auto", "stacked", "per_layer"],
+                    help="how the step runs the blocks (auto, as training: per_layer on CPU)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--turns", action="store_true", help=argparse.SUPPRESS)  # with --one: bench_pair.py
     ap.add_argument("--lang-len", type=int, default=LANG_TOKENS, help="instruction tokens per sample")
@@ -189,7 +191,8 @@ def main() -> int:
         moment_bytes = sum(2 if r.get(k) == "bfloat16" else 4 for k in ("mu_dtype", "nu_dtype"))
         floor = (PARAM_AND_GRAD_BYTES + moment_bytes) * r["params"]
         lang = f"{r['lang_len']}/{r['lang_padded']}" if r["lang_padded"] != r["lang_len"] else f"{r['lang_len']}"
-        print(f"| {r['case']} (language tokens {lang}) | {r['step_s_median']:.2f} | {ref or '-'} | {sp} | "
+        print(f"| {r['case']} ({r['layer_layout']}, language tokens {lang}) | {r['step_s_median']:.2f} | "
+              f"{ref or '-'} | {sp} | "
               f"{rss / 1e9:.2f} | {rss / floor:.3f} | "
               f"{r['flops'] / 1e9:.0f} | {100 * r['utilisation']:.0f}% of {r['matmul_peak_flops'] / 1e9:.0f} "
               f"GFLOP/s | {r['compile_s']:.0f} |")

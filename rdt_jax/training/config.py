@@ -34,9 +34,10 @@ class ModelConfig:
     # How the train step runs the blocks (checkpoints store them stacked either way, so a run may
     # resume in the other layout): "stacked" = lax.scan over layers, compile time flat in depth;
     # "per_layer" = the train state (params, EMA, Adam moments) holds each block separately and the
-    # step runs a Python loop: faster on CPU (BENCHMARKS.md), compile time grows with depth;
+    # step runs a Python loop: faster on CPU (rdt-1b ~8 %, rdt-170m ~5 %; BENCHMARKS.md) at a higher
+    # peak (rdt-1b 1.08x the float32 floor against 0.98x), compile time grows with depth;
     # "auto" = per_layer on CPU, stacked elsewhere.
-    layer_layout: Literal["auto", "stacked", "per_layer"] = "stacked"
+    layer_layout: Literal["auto", "stacked", "per_layer"] = "auto"
     # A directory written by convert_torch_weights.py (or a previous export); None = random init.
     init_from: str | None = None
 
