@@ -30,7 +30,7 @@ and keys, and which episodes are long enough to be used); ``--skip-bad-episodes`
 
 Each instruction gets its unpadded ``(L, 4096)`` embedding (EOS included), written in the
 official ``.pt`` layout and/or our ``.safetensors`` layout (``--formats``; see
-``rdt_jax.encoders.lang_embeddings``). The ``.pt`` layout is the official script's of the same
+``rdt_jax.data.language``). The ``.pt`` layout is the official script's of the same
 mode: for one instruction ``encode_lang.py``'s dict ``{"name", "instruction", "embeddings":
 (1, L, 4096)}`` (what the deployment loads), for a file ``encode_lang_batch.py``'s bare tensor.
 Sequences are padded to a multiple of ``--pad-multiple`` (masked) so the jitted encoder compiles
@@ -52,10 +52,9 @@ import numpy as np
 import tyro
 from tqdm import tqdm
 
-from rdt_jax.data.language import LANG_DIM, EmbeddingStore
+from rdt_jax.data.language import LANG_DIM, EmbeddingStore, save_embedding, save_embedding_pt
 from rdt_jax.data.robot_config import DEFAULT_ROBOT, RobotConfig, load_robot_config
 from rdt_jax.encoders import load_t5
-from rdt_jax.encoders.lang_embeddings import save_lang_embedding_pt, save_lang_embedding_safetensors
 from rdt_jax.encoders.tokenizer import load_t5_tokenizer, tokenize
 
 
@@ -211,12 +210,12 @@ def encode(args: Args) -> list[pathlib.Path]:
                 if "pt" in args.formats:
                     path = args.out_dir / f"{stem}.pt"
                     single = args.instruction is not None
-                    save_lang_embedding_pt(path, emb, bfloat16=args.dtype == "bfloat16",
-                                           instruction=text if single else None, name=stem if single else None)
+                    save_embedding_pt(path, emb, bfloat16=args.dtype == "bfloat16",
+                                      instruction=text if single else None, name=stem if single else None)
                     written.append(path)
                 if "safetensors" in args.formats:
                     path = args.out_dir / f"{stem}.safetensors"
-                    save_lang_embedding_safetensors(path, emb, text)
+                    save_embedding(path, emb, text)
                     written.append(path)
             bar.update(n)
     return written

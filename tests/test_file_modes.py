@@ -9,7 +9,6 @@ import pytest
 
 from rdt_jax.convert.cli import main as convert_main
 from rdt_jax.data import language
-from rdt_jax.encoders.lang_embeddings import save_lang_embedding_safetensors
 
 
 @pytest.fixture
@@ -31,5 +30,5 @@ def test_converted_checkpoints_and_embeddings_follow_the_umask(umask_022, shared
     assert mode(tmp_path / "torch") == 0o755 and mode(tmp_path / "torch" / "model.safetensors") == 0o644
     emb = np.zeros((3, 4096), np.float32)
     language.save_embedding(tmp_path / "a.safetensors", emb, "open the drawer")
-    save_lang_embedding_safetensors(tmp_path / "b.safetensors", emb, "open the drawer")
-    assert mode(tmp_path / "a.safetensors") == mode(tmp_path / "b.safetensors") == 0o644
+    stored = language.EmbeddingStore(tmp_path / "store").put("open the drawer", emb)
+    assert mode(tmp_path / "a.safetensors") == mode(stored) == 0o644

@@ -1,10 +1,17 @@
-"""Precomputed T5 instruction embeddings: loading, the empty instruction, right-padding.
+"""Precomputed T5 instruction embeddings: their files, the empty instruction, right-padding.
 
-Formats: the official `.pt` files (a tensor (L, 4096) or (1, L, 4096), or the
-`encode_lang.py` dict with key "embeddings"), read with `torch.load(weights_only=True)`
-(torch imported lazily); and ours, a safetensors file with tensor `embeddings` (L, 4096)
-and metadata `instruction`. `EmbeddingStore` maps instruction text to a file in a directory
-by the SHA-256 of the text.
+Two file formats, both holding the **unpadded** embedding ``(L, D)`` of one instruction (``L`` its
+token count including EOS; ``D`` = 4096 for T5-XXL):
+
+* **official** ``.pt``, in either of RDT's layouts: ``encode_lang_batch.py``'s bare bfloat16 tensor
+  ``(L, D)``, or single-instruction ``encode_lang.py``'s dict ``{"name", "instruction", "embeddings":
+  (1, L, D)}`` (what the deployment script loads as ``torch.load(p)["embeddings"]``). Read with
+  ``torch.load(weights_only=True)`` (no pickle code execution; torch imported lazily).
+* **ours** ``.safetensors``: tensor ``embeddings`` ``(L, D)`` and metadata ``instruction``.
+
+:func:`read_embedding` returns a file's values as stored (bfloat16 ones as ``ml_dtypes.bfloat16``);
+:func:`load_embedding` is what the data pipeline reads: float32, ``D`` = 4096, finite.
+``EmbeddingStore`` maps instruction text to a file in a directory by the SHA-256 of the text.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import hashlib
 import os
 import pathlib
 
+import ml_dtypes
 import numpy as np
 
 from rdt_jax.file_modes import as_created
@@ -30,21 +38,16 @@ def empty_embedding() -> np.ndarray:
     return e
 
 
-def _checked_shape(shape: tuple[int, ...], path: str) -> tuple[int, int]:
-    """(L, 4096) of an embedding stored as (L, 4096) or RDT's single-instruction (1, L, 4096)."""
+def _checked_shape(shape: tuple[int, ...], path: str, width: int | None = LANG_DIM) -> tuple[int, int]:
+    """(L, D) of an embedding stored as (L, D) or RDT's single-instruction (1, L, D); ``width``: the
+    required D (None: any)."""
     shape = tuple(shape)
     if len(shape) == 3 and shape[0] == 1:
         shape = shape[1:]
-    if len(shape) != 2 or shape[1] != LANG_DIM or shape[0] == 0:
-        raise ValueError(f"{path}: language embedding has shape {shape}, expected (L, {LANG_DIM})")
+    if len(shape) != 2 or shape[0] == 0 or (width is not None and shape[1] != width):
+        expected = f"(L, {width})" if width is not None else "(L, D)"
+        raise ValueError(f"{path}: language embedding has shape {shape}, expected {expected}")
     return shape
-
-
-def _check(e: np.ndarray, path: str) -> np.ndarray:
-    e = e.reshape(_checked_shape(e.shape, path))
-    if not np.all(np.isfinite(e)):
-        raise ValueError(f"{path}: language embedding contains NaN or inf")
-    return e
 
 
 def embedding_length(path: str | os.PathLike) -> int:
@@ -67,46 +70,91 @@ def embedding_length(path: str | os.PathLike) -> int:
     return _checked_shape(shape, path)[0]
 
 
-def load_embedding(path: str | os.PathLike) -> np.ndarray:
-    """(L, 4096) float32 from a .pt or .safetensors file."""
+def _read_safetensors(path: str) -> np.ndarray:
+    from rdt_jax.encoders.hf_import import read_safetensors  # numpy has no bfloat16: read through ml_dtypes
+
+    try:
+        tensors, _ = read_safetensors(path)
+    except Exception as e:  # a truncated or foreign file: JSON, size or dtype errors
+        raise ValueError(f"{path}: cannot read safetensors ({type(e).__name__}: {e})") from e
+    if "embeddings" not in tensors:
+        raise ValueError(f"{path}: missing key 'embeddings' (has {sorted(tensors)})")
+    return tensors["embeddings"]
+
+
+def _read_pt(path: str) -> np.ndarray:
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"{path}: reading .pt embeddings needs torch: pip install 'rdt-jax[torch]' (or "
+                         "re-encode the instructions as .safetensors with scripts/encode_lang.py)") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or not a torch file: torch raises OSError, KeyError, pickle errors
+        raise ValueError(f"{path}: cannot read the .pt embedding ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict):
+        if "embeddings" not in obj:
+            raise ValueError(f"{path}: missing key 'embeddings' (has {sorted(obj)})")
+        obj = obj["embeddings"]
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{path}: expected a tensor, got {type(obj).__name__}")
+    obj = obj.detach().contiguous()
+    if obj.dtype == torch.bfloat16:
+        return obj.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return obj.float().numpy()
+
+
+def read_embedding(path: str | os.PathLike, width: int | None = None) -> np.ndarray:
+    """(L, D) from a .pt or .safetensors file, in its stored dtype (float32, or ml_dtypes.bfloat16);
+    ``width``: the D it must have (None: any)."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        try:
-            tensors = load_file(path)
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{path}: cannot read safetensors ({e})") from e
-        if "embeddings" not in tensors:
-            raise ValueError(f"{path}: missing key 'embeddings' (has {sorted(tensors)})")
-        return _check(np.asarray(tensors["embeddings"], np.float32), path)
-    if path.endswith(".pt"):
-        try:
-            import torch
-        except ImportError:
-            raise ValueError(f"{path}: reading .pt embeddings needs torch: pip install 'rdt-jax[torch]' (or "
-                             "re-encode the instructions as .safetensors with scripts/encode_lang.py)") from None
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or not a torch file: torch raises OSError, KeyError, pickle errors
-            raise ValueError(f"{path}: cannot read the .pt embedding ({type(e).__name__}: {e})") from e
-        if isinstance(obj, dict):
-            if "embeddings" not in obj:
-                raise ValueError(f"{path}: missing key 'embeddings' (has {sorted(obj)})")
-            obj = obj["embeddings"]
-        if not isinstance(obj, torch.Tensor):
-            raise ValueError(f"{path}: expected a tensor, got {type(obj).__name__}")
-        return _check(obj.detach().float().numpy(), path)
-    raise ValueError(f"{path}: unknown embedding format (expected .pt or .safetensors)")
+        e = _read_safetensors(path)
+    elif path.endswith(".pt"):
+        e = _read_pt(path)
+    else:
+        raise ValueError(f"{path}: unknown embedding format (expected .pt or .safetensors)")
+    return e.reshape(_checked_shape(e.shape, path, width))
 
 
-def save_embedding(path: str | os.PathLike, embeddings: np.ndarray, instruction: str) -> None:
-    """Write our safetensors format: `embeddings` (L, 4096) + metadata `instruction`."""
+def load_embedding(path: str | os.PathLike) -> np.ndarray:
+    """(L, 4096) float32 from a .pt or .safetensors file, checked finite: what training reads."""
+    e = read_embedding(path, LANG_DIM).astype(np.float32)
+    if not np.all(np.isfinite(e)):
+        raise ValueError(f"{os.fspath(path)}: language embedding contains NaN or inf")
+    return e
+
+
+def save_embedding(path: str | os.PathLike, embeddings: np.ndarray, instruction: str,
+                   dtype: np.typing.DTypeLike = np.float32) -> None:
+    """Write our safetensors format: ``embeddings`` (L, D) in ``dtype`` + metadata ``instruction``.
+
+    float32 by default: bf16-computed values are stored exactly, and any safetensors reader can
+    read them (numpy has no bfloat16)."""
     from safetensors.numpy import save_file
 
-    save_file({"embeddings": np.ascontiguousarray(_check(np.asarray(embeddings), os.fspath(path)))},
-              os.fspath(path), metadata={"instruction": instruction})
+    e = np.asarray(embeddings)
+    e = e.reshape(_checked_shape(e.shape, os.fspath(path), None)).astype(dtype)
+    save_file({"embeddings": np.ascontiguousarray(e)}, os.fspath(path), metadata={"instruction": instruction})
     as_created(path)  # safetensors writes 0600: a shared embedding store must be readable by its users
+
+
+def save_embedding_pt(path: str | os.PathLike, embeddings: np.ndarray, *, bfloat16: bool = True,
+                      instruction: str | None = None, name: str | None = None) -> None:
+    """Write an official ``.pt`` (bfloat16 like RDT's files, else float32): with ``instruction``, the
+    single-instruction dict ``{"name", "instruction", "embeddings": (1, L, D)}`` (``name`` defaults to
+    the file stem); without, the batch script's bare ``(L, D)`` tensor."""
+    import torch
+
+    e = np.asarray(embeddings)
+    e = e.reshape(_checked_shape(e.shape, os.fspath(path), None)).astype(np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(e))
+    t = t.to(torch.bfloat16) if bfloat16 else t
+    if instruction is None:
+        torch.save(t, os.fspath(path))
+        return
+    name = pathlib.Path(path).stem if name is None else name
+    torch.save({"name": name, "instruction": instruction, "embeddings": t[None]}, os.fspath(path))
 
 
 class EmbeddingStore:

@@ -1,5 +1,6 @@
 """Language embeddings: official .pt, our safetensors, the empty embedding, padding."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -51,6 +52,29 @@ def test_safetensors_store_and_padding(tmp_path):
     assert not padded[7:].any()
     with pytest.raises(ValueError, match="7 tokens, more than max_lang_len=6"):
         language.pad_embedding(x, 6)
+
+
+def test_one_reader_for_bfloat16_safetensors_and_any_width(tmp_path):
+    """A bfloat16 safetensors file (numpy itself has no bfloat16) reads as its values; read_embedding
+    takes any width, load_embedding (what training reads) only 4096, and says which file is wrong."""
+    x = np.random.default_rng(1).normal(size=(4, 4096)).astype(np.float32)
+    language.save_embedding(tmp_path / "bf.safetensors", x, "t", dtype=ml_dtypes.bfloat16)
+    stored = language.read_embedding(tmp_path / "bf.safetensors")
+    assert stored.dtype == ml_dtypes.bfloat16 and stored.shape == (4, 4096)
+    got = language.load_embedding(tmp_path / "bf.safetensors")
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, x.astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert language.embedding_length(tmp_path / "bf.safetensors") == 4
+    language.save_embedding(tmp_path / "small.safetensors", np.ones((3, 32), np.float32), "t")
+    assert language.read_embedding(tmp_path / "small.safetensors").shape == (3, 32)
+    with pytest.raises(ValueError, match=r"small\.safetensors: language embedding has shape \(3, 32\), "
+                                         r"expected \(L, 4096\)"):
+        language.load_embedding(tmp_path / "small.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "bf.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cut\.safetensors: cannot read safetensors"):
+        language.read_embedding(tmp_path / "cut.safetensors")
+    with pytest.raises(ValueError, match=r"e\.npy: unknown embedding format"):
+        language.read_embedding(tmp_path / "e.npy")
 
 
 def test_pt_embedding_without_torch_says_how_to_install_it(tmp_path, monkeypatch):

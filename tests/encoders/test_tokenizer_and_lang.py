@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from rdt_jax.encoders import load_t5
-from rdt_jax.encoders.lang_embeddings import (
+from rdt_jax.encoders import (
     load_lang_embedding,
+    load_t5,
     save_lang_embedding_pt,
     save_lang_embedding_safetensors,
 )
