@@ -21,9 +21,9 @@ import hashlib
 import os
 import pathlib
 
-import ml_dtypes
 import numpy as np
 
+from rdt_jax.convert.weights_io import SafetensorsReader, WeightFileError, torch_to_numpy
 from rdt_jax.file_modes import as_created
 
 LANG_DIM = 4096
@@ -50,36 +50,25 @@ def _checked_shape(shape: tuple[int, ...], path: str, width: int | None = LANG_D
     return shape
 
 
+def _safetensors_file(path: str) -> SafetensorsReader:
+    """A reader of our safetensors format (header checked; bfloat16 through ml_dtypes, which
+    ``safetensors.numpy`` cannot load)."""
+    try:
+        reader = SafetensorsReader(pathlib.Path(path))
+    except WeightFileError as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: cannot read safetensors ({e})") from e
+    if "embeddings" not in reader.keys():
+        raise ValueError(f"{path}: missing key 'embeddings' (has {sorted(reader.keys())})")
+    return reader
+
+
 def embedding_length(path: str | os.PathLike) -> int:
     """The token count L of an embedding file, checking its (L, 4096) shape: from the header alone for
     .safetensors (an embedding store can hold many thousands), by loading for .pt."""
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         return load_embedding(path).shape[0]
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, "np") as f:
-            if "embeddings" not in f.keys():
-                raise ValueError(f"{path}: missing key 'embeddings' (has {sorted(f.keys())})")
-            shape = tuple(f.get_slice("embeddings").get_shape())
-    except ValueError:
-        raise
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{path}: cannot read safetensors ({e})") from e
-    return _checked_shape(shape, path)[0]
-
-
-def _read_safetensors(path: str) -> np.ndarray:
-    from rdt_jax.encoders.hf_import import read_safetensors  # numpy has no bfloat16: read through ml_dtypes
-
-    try:
-        tensors, _ = read_safetensors(path)
-    except Exception as e:  # a truncated or foreign file: JSON, size or dtype errors
-        raise ValueError(f"{path}: cannot read safetensors ({type(e).__name__}: {e})") from e
-    if "embeddings" not in tensors:
-        raise ValueError(f"{path}: missing key 'embeddings' (has {sorted(tensors)})")
-    return tensors["embeddings"]
+    return _checked_shape(_safetensors_file(path).shape("embeddings"), path)[0]
 
 
 def _read_pt(path: str) -> np.ndarray:
@@ -98,18 +87,15 @@ def _read_pt(path: str) -> np.ndarray:
         obj = obj["embeddings"]
     if not isinstance(obj, torch.Tensor):
         raise ValueError(f"{path}: expected a tensor, got {type(obj).__name__}")
-    obj = obj.detach().contiguous()
-    if obj.dtype == torch.bfloat16:
-        return obj.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return obj.float().numpy()
+    return torch_to_numpy(obj)
 
 
 def read_embedding(path: str | os.PathLike, width: int | None = None) -> np.ndarray:
-    """(L, D) from a .pt or .safetensors file, in its stored dtype (float32, or ml_dtypes.bfloat16);
+    """(L, D) from a .pt or .safetensors file, in its stored dtype (bfloat16 as ml_dtypes.bfloat16);
     ``width``: the D it must have (None: any)."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
-        e = _read_safetensors(path)
+        e = _safetensors_file(path).get("embeddings")
     elif path.endswith(".pt"):
         e = _read_pt(path)
     else:
@@ -119,10 +105,20 @@ def read_embedding(path: str | os.PathLike, width: int | None = None) -> np.ndar
 
 def load_embedding(path: str | os.PathLike) -> np.ndarray:
     """(L, 4096) float32 from a .pt or .safetensors file, checked finite: what training reads."""
-    e = read_embedding(path, LANG_DIM).astype(np.float32)
+    return _finite(read_embedding(path, LANG_DIM).astype(np.float32, copy=False), os.fspath(path))
+
+
+def _finite(e: np.ndarray, path: str) -> np.ndarray:
     if not np.all(np.isfinite(e)):
-        raise ValueError(f"{os.fspath(path)}: language embedding contains NaN or inf")
+        raise ValueError(f"{path}: language embedding contains NaN or inf")
     return e
+
+
+def _to_write(path: str | os.PathLike, embeddings: np.ndarray) -> np.ndarray:
+    """``embeddings`` as a float32 (L, D) array, refused (naming ``path``) if misshapen or not finite."""
+    e = np.asarray(embeddings)
+    e = e.reshape(_checked_shape(e.shape, os.fspath(path), None)).astype(np.float32)
+    return np.ascontiguousarray(_finite(e, os.fspath(path)))
 
 
 def save_embedding(path: str | os.PathLike, embeddings: np.ndarray, instruction: str,
@@ -133,9 +129,8 @@ def save_embedding(path: str | os.PathLike, embeddings: np.ndarray, instruction:
     read them (numpy has no bfloat16)."""
     from safetensors.numpy import save_file
 
-    e = np.asarray(embeddings)
-    e = e.reshape(_checked_shape(e.shape, os.fspath(path), None)).astype(dtype)
-    save_file({"embeddings": np.ascontiguousarray(e)}, os.fspath(path), metadata={"instruction": instruction})
+    e = _to_write(path, embeddings).astype(dtype)
+    save_file({"embeddings": e}, os.fspath(path), metadata={"instruction": instruction})
     as_created(path)  # safetensors writes 0600: a shared embedding store must be readable by its users
 
 
@@ -146,9 +141,7 @@ def save_embedding_pt(path: str | os.PathLike, embeddings: np.ndarray, *, bfloat
     the file stem); without, the batch script's bare ``(L, D)`` tensor."""
     import torch
 
-    e = np.asarray(embeddings)
-    e = e.reshape(_checked_shape(e.shape, os.fspath(path), None)).astype(np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(e))
+    t = torch.from_numpy(_to_write(path, embeddings))
     t = t.to(torch.bfloat16) if bfloat16 else t
     if instruction is None:
         torch.save(t, os.fspath(path))

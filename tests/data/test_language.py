@@ -75,6 +75,14 @@ def test_one_reader_for_bfloat16_safetensors_and_any_width(tmp_path):
         language.read_embedding(tmp_path / "cut.safetensors")
     with pytest.raises(ValueError, match=r"e\.npy: unknown embedding format"):
         language.read_embedding(tmp_path / "e.npy")
+    # The writers refuse what training would refuse to read, before anything is written.
+    bad = x.copy()
+    bad[2, 7] = np.nan
+    for save, name in ((language.save_embedding, "nan.safetensors"), (language.save_embedding_pt, "nan.pt")):
+        args = (tmp_path / name, bad, "t") if name.endswith("safetensors") else (tmp_path / name, bad)
+        with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')}: language embedding contains NaN"):
+            save(*args)
+        assert not (tmp_path / name).exists()
 
 
 def test_pt_embedding_without_torch_says_how_to_install_it(tmp_path, monkeypatch):
