@@ -171,8 +171,9 @@ def test_preprocess_and_encode_raw_images(hf_factory, errs):
         load_siglip(path), jnp.asarray(pix[:2]))))
 
 
-# One group of all (batch, head) pairs; 2 groups of 2 (so400m-sized scores); 4 groups of 1.
-@pytest.mark.parametrize("shape", [(2, 9, 3, 8), (1, 729, 4, 72), (2, 1200, 2, 16)])
+# One group of all 6 (batch, head) pairs; 2 groups of 8 (256-token scores); one pair per group
+# (so400m-sized scores, and longer).
+@pytest.mark.parametrize("shape", [(2, 9, 3, 8), (4, 256, 4, 16), (1, 729, 4, 72), (2, 1200, 2, 16)])
 def test_attention_16bit_matches_float32(errs, shape):
     """The bf16 attention (bf16 products, float32 accumulation and softmax) against float32 math."""
     rel_err, _ = errs
@@ -182,3 +183,15 @@ def test_attention_16bit_matches_float32(errs, shape):
     out = _ops.attention_16bit(*(x.astype(jnp.bfloat16) for x in (q, k, v)), scale)
     assert out.dtype == jnp.bfloat16 and out.shape == shape
     assert rel_err(np.asarray(out.astype(jnp.float32)), np.asarray(ref)) <= 2e-2
+    # Its own rounding, against float64 math on the same bf16 inputs, with logits large enough
+    # (x30) that exponentials without the row maximum subtracted would overflow float32.
+    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (30 * q, k, v))
+    q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q16, k16, v16))
+    logits = np.einsum("bqhd,bkhd->bhqk", q64, k64) * scale
+    p64 = np.exp(logits - logits.max(-1, keepdims=True))
+    ref64 = np.einsum("bhqk,bkhd->bqhd", p64 / p64.sum(-1, keepdims=True), v64)
+    out = np.asarray(_ops.attention_16bit(q16, k16, v16, scale).astype(jnp.float32))
+    assert np.isfinite(out).all() and rel_err(out, ref64) <= 5e-3
+    # A convex combination of equal values is that value.
+    ones = _ops.attention_16bit(q16, k16, jnp.ones(shape, jnp.bfloat16), scale)
+    np.testing.assert_array_equal(np.asarray(ones.astype(jnp.float32)), 1.0)
