@@ -41,7 +41,6 @@ from rdt_jax.encoders.hf_import import (
     read_config,
     vector_source,
 )
-from rdt_jax.model.attention import head_major_attention, to_head_major
 
 __all__ = ["SIGLIP_SO400M_384", "SiglipVisionConfig", "SiglipVisionTower", "load_siglip", "siglip_sources"]
 
@@ -195,13 +194,7 @@ class SiglipVisionTower(nnx.Module):
             q = _ops.dense(y, lp["q_kernel"], lp["q_bias"]).reshape(b, n, heads, hd)
             k = _ops.dense(y, lp["k_kernel"], lp["k_bias"]).reshape(b, n, heads, hd)
             v = _ops.dense(y, lp["v_kernel"], lp["v_bias"]).reshape(b, n, heads, hd)
-            if jnp.dtype(dt).itemsize == 2:
-                # Native 16-bit products, float32 accumulation and softmax, head-grouped.
-                o = _ops.attention_16bit(q, k, v, hd**-0.5).reshape(b, n, heads * hd)
-            else:
-                # Head-major K/V and head-grouped softmax: 2x faster than all-heads einsums on CPU
-                # (the 6 x 16 x 729 x 729 scores no longer stream through memory).
-                o = head_major_attention(q, *to_head_major(k, v)).reshape(b, n, heads * hd)
+            o = _ops.self_attention(q, k, v, hd**-0.5).reshape(b, n, heads * hd)
             x = x + _ops.dense(o, lp["o_kernel"], lp["o_bias"])
             y = _ops.layer_norm(x, lp["ln2_scale"], lp["ln2_bias"], eps)
             y = act(_ops.dense(y, lp["fc1_kernel"], lp["fc1_bias"]))

@@ -174,24 +174,29 @@ def test_preprocess_and_encode_raw_images(hf_factory, errs):
 # One group of all 6 (batch, head) pairs; 2 groups of 8 (256-token scores); one pair per group
 # (so400m-sized scores, and longer).
 @pytest.mark.parametrize("shape", [(2, 9, 3, 8), (4, 256, 4, 16), (1, 729, 4, 72), (2, 1200, 2, 16)])
-def test_attention_16bit_matches_float32(errs, shape):
-    """The bf16 attention (bf16 products, float32 accumulation and softmax) against float32 math."""
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-3)])
+def test_self_attention_matches_float64(errs, shape, dtype, tol):
+    """float32: the textbook attention; bf16: bf16 products, float32 accumulation and softmax. Both
+    against float64 math on the same (rounded) inputs, with logits large enough (x30) that
+    exponentials without the row maximum subtracted would overflow float32."""
     rel_err, _ = errs
-    q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.float32) for i in range(3))
+    q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.float32).astype(dtype) for i in range(3))
+    q = (30 * q).astype(dtype)
     scale = shape[-1] ** -0.5
-    ref = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale, -1), v)
-    out = _ops.attention_16bit(*(x.astype(jnp.bfloat16) for x in (q, k, v)), scale)
-    assert out.dtype == jnp.bfloat16 and out.shape == shape
-    assert rel_err(np.asarray(out.astype(jnp.float32)), np.asarray(ref)) <= 2e-2
-    # Its own rounding, against float64 math on the same bf16 inputs, with logits large enough
-    # (x30) that exponentials without the row maximum subtracted would overflow float32.
-    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (30 * q, k, v))
-    q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q16, k16, v16))
+    q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v))
     logits = np.einsum("bqhd,bkhd->bhqk", q64, k64) * scale
     p64 = np.exp(logits - logits.max(-1, keepdims=True))
     ref64 = np.einsum("bhqk,bkhd->bqhd", p64 / p64.sum(-1, keepdims=True), v64)
-    out = np.asarray(_ops.attention_16bit(q16, k16, v16, scale).astype(jnp.float32))
-    assert np.isfinite(out).all() and rel_err(out, ref64) <= 5e-3
+    out = _ops.self_attention(q, k, v, scale)
+    assert out.dtype == dtype and out.shape == shape
+    out = np.asarray(out.astype(jnp.float32))
+    assert np.isfinite(out).all() and rel_err(out, ref64) <= tol
     # A convex combination of equal values is that value.
-    ones = _ops.attention_16bit(q16, k16, jnp.ones(shape, jnp.bfloat16), scale)
-    np.testing.assert_array_equal(np.asarray(ones.astype(jnp.float32)), 1.0)
+    ones = _ops.self_attention(q, k, jnp.ones(shape, dtype), scale)
+    np.testing.assert_allclose(np.asarray(ones.astype(jnp.float32)), 1.0, rtol=1e-6)
+
+
+def test_self_attention_refuses_mixed_dtypes():
+    x = jnp.zeros((1, 4, 2, 8), jnp.float32)
+    with pytest.raises(ValueError, match="one dtype"):
+        _ops.self_attention(x, x.astype(jnp.bfloat16), x, 0.5)
