@@ -71,12 +71,18 @@ def embedding_length(path: str | os.PathLike) -> int:
     return _checked_shape(_safetensors_file(path).shape("embeddings"), path)[0]
 
 
-def _read_pt(path: str) -> np.ndarray:
+def _torch(path: str, doing: str):
+    """torch, imported lazily; without it, a ValueError naming ``path`` and how to install it."""
     try:
         import torch
     except ImportError:
-        raise ValueError(f"{path}: reading .pt embeddings needs torch: pip install 'rdt-jax[torch]' (or "
-                         "re-encode the instructions as .safetensors with scripts/encode_lang.py)") from None
+        raise ValueError(f"{path}: {doing} .pt embeddings needs torch: pip install 'rdt-jax[torch]' (or "
+                         "use .safetensors embeddings, scripts/encode_lang.py --formats safetensors)") from None
+    return torch
+
+
+def _read_pt(path: str) -> np.ndarray:
+    torch = _torch(path, "reading")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or not a torch file: torch raises OSError, KeyError, pickle errors
@@ -116,9 +122,9 @@ def _finite(e: np.ndarray, path: str) -> np.ndarray:
 
 def _to_write(path: str | os.PathLike, embeddings: np.ndarray) -> np.ndarray:
     """``embeddings`` as a float32 (L, D) array, refused (naming ``path``) if misshapen or not finite."""
-    e = np.asarray(embeddings)
-    e = e.reshape(_checked_shape(e.shape, os.fspath(path), None)).astype(np.float32)
-    return np.ascontiguousarray(_finite(e, os.fspath(path)))
+    path, e = os.fspath(path), np.asarray(embeddings)
+    e = e.reshape(_checked_shape(e.shape, path, None)).astype(np.float32)
+    return np.ascontiguousarray(_finite(e, path))
 
 
 def save_embedding(path: str | os.PathLike, embeddings: np.ndarray, instruction: str,
@@ -139,8 +145,7 @@ def save_embedding_pt(path: str | os.PathLike, embeddings: np.ndarray, *, bfloat
     """Write an official ``.pt`` (bfloat16 like RDT's files, else float32): with ``instruction``, the
     single-instruction dict ``{"name", "instruction", "embeddings": (1, L, D)}`` (``name`` defaults to
     the file stem); without, the batch script's bare ``(L, D)`` tensor."""
-    import torch
-
+    torch = _torch(os.fspath(path), "writing")
     t = torch.from_numpy(_to_write(path, embeddings))
     t = t.to(torch.bfloat16) if bfloat16 else t
     if instruction is None:

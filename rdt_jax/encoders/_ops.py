@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 # The encoders' dense layers are the model's (float32 accumulation, one rounding).
-from rdt_jax.model.attention import as_bits, from_bits, head_group_size
+from rdt_jax.model.attention import as_bits, from_bits, head_group_size, scaled_logits
 from rdt_jax.model.layers import dense as dense
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
@@ -142,8 +142,9 @@ def softmax_f32(logits: jax.Array, dtype: jnp.dtype) -> jax.Array:
 _GROUP_SCORE_BYTES = 2 * 2**20
 
 
-def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """Softmax attention of ``q``, ``k``, ``v`` (B, S, H, hd) -> (B, S, H, hd), no mask, one dtype.
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention of ``q``, ``k``, ``v`` (B, S, H, hd) -> (B, S, H, hd) scaled by ``hd ** -0.5``,
+    no mask, one dtype.
 
     In float32 it is the textbook computation. With 16-bit inputs it is PyTorch's bf16 CPU attention
     (its flash kernel behind ``scaled_dot_product_attention``): 16-bit operands, float32
@@ -153,8 +154,10 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> ja
     weights the values see sum to one. Against normalising first (probabilities rounded, as eager
     attention does) this skips a float32 pass over the scores and is as accurate (relative error to
     float64 2.25e-3 against 2.35e-3 on so400m-shaped inputs) and 25-30 % faster for SigLIP's
-    6 x 16 heads of 729 x 72; the products run as native bf16 GEMMs on XLA:CPU (widening each group
-    to float32 first, as ``rdt_jax.model.attention``'s kernel does, costs 1.5-1.7x the time).
+    6 x 16 heads of 729 x 72. The model's group kernel (``rdt_jax.model.attention._attend_group``)
+    differs in one point, its row sums over the float32 exponentials (the log-sum-exp its backward
+    reuses): here that costs XLA:CPU a separate pass, 92 against 65-70 ms a layer in bf16, so this
+    forward-only kernel does not call it. The logits are the model's (:func:`scaled_logits`).
 
     Computed (batch, head) pair by pair, the pairs laid out head-major once, so a pair's scores
     stay in cache: in float32, 15-20 % faster than ``head_major_attention``'s groups of one head over
@@ -168,14 +171,13 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> ja
     # would widen all of q, k and v to float32 in front of the loop.
     qh, kh, vh = (as_bits(jnp.swapaxes(t, 1, 2).reshape(b * h, s, hd)) for t in (q, k, v))
     g = head_group_size(b * h, s * s * 4, budget=_GROUP_SCORE_BYTES)
-    dims = lambda c: (((2,), (c,)), ((0,), (0,)))
 
     def group(i: jax.Array) -> jax.Array:
         qg, kg, vg = (from_bits(jax.lax.dynamic_slice_in_dim(t, i * g, g, 0), dt) for t in (qh, kh, vh))
-        logits = jax.lax.dot_general(qg, kg, dims(2), preferred_element_type=jnp.float32) * scale
+        logits = scaled_logits(qg, kg, None)
         weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)).astype(dt)
         total = jnp.sum(weights.astype(jnp.float32), axis=-1, keepdims=True)
-        out = jax.lax.dot_general(weights, vg, dims(1), preferred_element_type=jnp.float32)
+        out = jnp.matmul(weights, vg, preferred_element_type=jnp.float32)
         # Stacked as bits: XLA:CPU widens a 16-bit float dynamic-update-slice (lax.map's stacking)
         # to float32, converting the whole output buffer on every group.
         return as_bits((out / total).astype(dt))

@@ -194,7 +194,7 @@ class SiglipVisionTower(nnx.Module):
             q = _ops.dense(y, lp["q_kernel"], lp["q_bias"]).reshape(b, n, heads, hd)
             k = _ops.dense(y, lp["k_kernel"], lp["k_bias"]).reshape(b, n, heads, hd)
             v = _ops.dense(y, lp["v_kernel"], lp["v_bias"]).reshape(b, n, heads, hd)
-            o = _ops.self_attention(q, k, v, hd**-0.5).reshape(b, n, heads * hd)
+            o = _ops.self_attention(q, k, v).reshape(b, n, heads * hd)
             x = x + _ops.dense(o, lp["o_kernel"], lp["o_bias"])
             y = _ops.layer_norm(x, lp["ln2_scale"], lp["ln2_bias"], eps)
             y = act(_ops.dense(y, lp["fc1_kernel"], lp["fc1_bias"]))

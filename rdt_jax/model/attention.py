@@ -91,7 +91,8 @@ def head_group_size(n_heads: int, bytes_per_head: int, budget: int | None = None
     return best
 
 
-def _logits(q: jax.Array, k: jax.Array, bias: jax.Array | None) -> jax.Array:
+def scaled_logits(q: jax.Array, k: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """float32 ``q k^T * hd ** -0.5 (+ bias)``: products in the inputs' precision, float32 accumulation."""
     # q (..., T, hd) against the keys as rows (..., S, hd), the leading axes batched (B and a head
     # group, or B alone), contracted over hd in place: no (S, hd) -> (hd, S) transpose (strided,
     # slow on CPU).
@@ -121,7 +122,7 @@ def _attend_group(q, kh, vh, bias):
     """
     dt = _product_dtype(q, kh, vh)
     q, kh, vh = (x.astype(dt) for x in (q, kh, vh))
-    logits = _logits(q, kh, bias)
+    logits = scaled_logits(q, kh, bias)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     weights = jnp.exp(logits - peak)
     denom = jnp.sum(weights, axis=-1, keepdims=True)
@@ -137,7 +138,7 @@ def _attend_group_bwd(q, kh, vh, bias, out, lse, dout):
     q, kh, vh = (x.astype(dt) for x in (q, kh, vh))
     mm = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
     contract = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-    probs = jnp.exp(_logits(q, kh, bias) - lse)
+    probs = jnp.exp(scaled_logits(q, kh, bias) - lse)
     scale = q.shape[-1] ** -0.5
     dvh = mm(jnp.swapaxes(probs.astype(dt), -1, -2), dout.astype(dt))
     # dout vh^T contracted over hd in place: a (S, hd) -> (hd, S) transpose of the group is strided.
@@ -309,7 +310,7 @@ def _per_head_bwd(res, dout):
         kn, vn = _head(kh, i, 1, dt), _head(vh, i, 1, dt)  # (B, S, hd)
         lse_i = jax.lax.dynamic_slice_in_dim(lse, i, 1, axis=1)[:, 0, :, None]  # (B, T, 1)
         delta_i = jax.lax.dynamic_slice_in_dim(delta, i, 1, axis=2)  # (B, T, 1)
-        probs = jnp.exp(_logits(qn, kn, bias) - lse_i)
+        probs = jnp.exp(scaled_logits(qn, kn, bias) - lse_i)
         # dK and dV come out transposed, (B, hd, S): dout^T probs and q^T dlogits are plain
         # products, where probs^T dout contracts the rows of both (XLA:CPU's float32 generic GEMM).
         # Each head's (hd, S) is turned back here, on its bit pattern (kept out of the product),

@@ -92,6 +92,9 @@ def test_pt_embedding_without_torch_says_how_to_install_it(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "torch", None)  # an install without the torch extra
     with pytest.raises(ValueError, match=r"a\.pt: reading \.pt embeddings needs torch: pip install 'rdt-jax\[torch\]'"):
         language.load_embedding(tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"b\.pt: writing \.pt embeddings needs torch: pip install 'rdt-jax\[torch\]'"):
+        language.save_embedding_pt(tmp_path / "b.pt", np.zeros((2, 4096), np.float32))
+    assert not (tmp_path / "b.pt").exists()
 
 
 @pytest.mark.parametrize(("longest", "max_len", "want"), [

@@ -187,16 +187,16 @@ def test_self_attention_matches_float64(errs, shape, dtype, tol):
     logits = np.einsum("bqhd,bkhd->bhqk", q64, k64) * scale
     p64 = np.exp(logits - logits.max(-1, keepdims=True))
     ref64 = np.einsum("bhqk,bkhd->bqhd", p64 / p64.sum(-1, keepdims=True), v64)
-    out = _ops.self_attention(q, k, v, scale)
+    out = _ops.self_attention(q, k, v)
     assert out.dtype == dtype and out.shape == shape
     out = np.asarray(out.astype(jnp.float32))
     assert np.isfinite(out).all() and rel_err(out, ref64) <= tol
     # A convex combination of equal values is that value.
-    ones = _ops.self_attention(q, k, jnp.ones(shape, dtype), scale)
+    ones = _ops.self_attention(q, k, jnp.ones(shape, dtype))
     np.testing.assert_allclose(np.asarray(ones.astype(jnp.float32)), 1.0, rtol=1e-6)
 
 
 def test_self_attention_refuses_mixed_dtypes():
     x = jnp.zeros((1, 4, 2, 8), jnp.float32)
     with pytest.raises(ValueError, match="one dtype"):
-        _ops.self_attention(x, x.astype(jnp.bfloat16), x, 0.5)
+        _ops.self_attention(x, x.astype(jnp.bfloat16), x)
